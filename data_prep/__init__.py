@@ -1,0 +1,1 @@
+"""Frankenstein CSV -> Axolotl completion JSONL (see data_prep/prepare.py)."""

@@ -1,0 +1,3 @@
+from data_prep.prepare import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""make demo: the whole pipeline offline on CPU (see demo/__main__.py)."""

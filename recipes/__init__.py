@@ -1,0 +1,1 @@
+"""Axolotl recipes (YAML) and `recipes.guard`, the pre-flight/finite-loss plugin they load."""

@@ -1,0 +1,349 @@
+"""Pre-flight checks and a finite-loss guard for our Axolotl recipes.
+
+Usage:
+    python -m recipes.guard recipes/*.yml          # static checks, no GPU needed
+    python -m recipes.guard --runtime recipes/x.yml  # also the checks `axolotl train` makes here
+
+Every recipe lists `recipes.guard.RecipeGuardPlugin` under `plugins:`. Axolotl calls the plugin's
+`register()` before it validates the config, so `axolotl train recipes/x.yml` stops with one
+clear line per problem instead of a traceback wall when:
+- a key is not an Axolotl option (Axolotl itself silently ignores unknown keys, so a typo such as
+  `lora_rnak` would otherwise train with the default rank),
+- a value has the wrong type, or `base_model` is missing,
+- the local model directory or a dataset file does not exist (with the command that makes it),
+- a passage is longer than `sequence_len` (Axolotl would silently drop it),
+- the recipe needs a CUDA GPU (4-bit/8-bit loading, bf16/fp16, flash attention) and there is none.
+During training the plugin's callback stops the run with a clear message and a non-zero exit as
+soon as the logged loss or gradient norm is NaN/inf (Axolotl's loss watchdog only compares
+`loss > threshold`, which is False for NaN, and exits 0 having saved the broken adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+try:  # the plugin base class only exists where axolotl is installed
+    from axolotl.integrations.base import BasePlugin
+except ImportError:  # pragma: no cover - static checks still work without axolotl's plugins
+    BasePlugin = object
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object
+
+# How to create the local artefacts our recipes point at.
+MAKERS = {
+    "models/tiny-mistral": "python -m models.tiny_mistral",
+    "models/smollm2-135m": "python -m models.smollm2",
+    "data/prepared/clean": "python -m data_prep --mode clean",
+    "data/prepared/seed": "python -m data_prep --mode seed",
+}
+GPU_ONLY_KEYS = ("load_in_4bit", "load_in_8bit", "bf16", "fp16", "flash_attention")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+
+
+class RecipeError(SystemExit):
+    """Stops `axolotl train` with the message on stderr and exit status 1, no traceback."""
+
+
+def _how_to_make(path: str) -> str:
+    normalised = path.removeprefix("./").rstrip("/")
+    for prefix, command in MAKERS.items():
+        if normalised.startswith(prefix):
+            return f"run `{command}` first"
+    return "fix the path"
+
+
+def looks_local(path: str) -> bool:
+    """Local paths are written ./x, ../x, /x or ~/x; anything else may be a hub id."""
+    return path.startswith((".", "/", "~"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Known keys, from Axolotl's own pydantic models (not a copy of its schema)
+
+
+def _plugin_input_models(plugin_names: list[str]) -> list[type]:
+    from axolotl.integrations.base import load_plugin
+
+    models = []
+    for name in plugin_names:
+        try:
+            plugin = load_plugin(name)
+        except (ImportError, AttributeError):
+            continue  # axolotl reports plugins it cannot load itself
+        args_path = plugin.get_input_args() if hasattr(plugin, "get_input_args") else None
+        if args_path:
+            module_name, class_name = args_path.rsplit(".", 1)
+            module = __import__(module_name, fromlist=[class_name])
+            models.append(getattr(module, class_name))
+    return models
+
+
+def _field_names(*models: type) -> set[str]:
+    names = set()
+    for model in models:
+        for name, field in model.model_fields.items():
+            names.add(name)
+            for alias in (field.alias, field.validation_alias):
+                if isinstance(alias, str):
+                    names.add(alias)
+                elif alias is not None and hasattr(alias, "choices"):
+                    names.update(c for c in alias.choices if isinstance(c, str))
+    return names
+
+
+def _cli_arg_names() -> set[str]:
+    """Options of the axolotl CLI commands, which it merges into the config it loads."""
+    import dataclasses
+
+    from axolotl.cli import args as cli_args
+
+    return {
+        field.name
+        for obj in vars(cli_args).values()
+        if dataclasses.is_dataclass(obj) and isinstance(obj, type)
+        for field in dataclasses.fields(obj)
+    }
+
+
+def known_top_level_keys(plugin_names: list[str]) -> set[str]:
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    return (
+        _field_names(AxolotlInputConfig, *_plugin_input_models(plugin_names)) | _cli_arg_names()
+    )
+
+
+def known_dataset_keys() -> set[str]:
+    from axolotl.utils.schemas.datasets import SFTDataset
+
+    return _field_names(SFTDataset)
+
+
+def _unknown(keys, known: set[str], where: str, source: str) -> list[str]:
+    problems = []
+    for key in keys:
+        if key not in known:
+            guess = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean `{guess[0]}`?" if guess else "remove it or check Axolotl's docs"
+            problems.append(f"{source}: unknown key `{where}{key}` ({hint})")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks
+
+
+def check_keys(cfg: dict, source: str) -> list[str]:
+    problems = _unknown(cfg, known_top_level_keys(cfg.get("plugins") or []), "", source)
+    dataset_keys = known_dataset_keys()
+    for group in ("datasets", "test_datasets"):
+        for i, entry in enumerate(cfg.get(group) or []):
+            if isinstance(entry, dict):
+                problems += _unknown(entry, dataset_keys, f"{group}[{i}].", source)
+    return problems
+
+
+def check_types(cfg: dict, source: str) -> list[str]:
+    """Axolotl's own validation, its errors condensed to one line each."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from pydantic import ValidationError
+
+    try:
+        validate_config(DictDefault(copy.deepcopy(cfg)))
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "config"
+            got = error.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: `{where}`: {error['msg']}{shown}")
+        return lines
+    except ValueError as exc:
+        return [f"{source}: {exc}"]
+    return []
+
+
+def check_paths(cfg: dict, source: str) -> list[str]:
+    problems = []
+    base_model = cfg.get("base_model")
+    if not base_model:
+        problems.append(f"{source}: missing `base_model`; set a hub id or a local model directory")
+    elif looks_local(str(base_model)) and not Path(base_model).expanduser().is_dir():
+        problems.append(
+            f"{source}: base_model `{base_model}` not found; {_how_to_make(str(base_model))}"
+        )
+    for group in ("datasets", "test_datasets"):
+        for i, entry in enumerate(cfg.get(group) or []):
+            path = str((entry or {}).get("path", ""))
+            is_file_like = looks_local(path) or path.endswith(LOCAL_DATA_SUFFIXES)
+            if path and is_file_like and not Path(path).expanduser().exists():
+                problems.append(
+                    f"{source}: {group}[{i}].path `{path}` not found; {_how_to_make(path)}"
+                )
+    return problems
+
+
+def _load_tokenizer(cfg: dict):
+    """The recipe's tokenizer when it is local (or Mistral-7B-v0.1's, which ships offline)."""
+    name = cfg.get("tokenizer_config") or cfg.get("base_model") or ""
+    if looks_local(str(name)) and Path(name).expanduser().is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+    if str(name).startswith("mistralai/Mistral-7B-v0.1"):
+        from data_prep.tokenizer import load_mistral_tokenizer
+
+        return load_mistral_tokenizer()
+    return None
+
+
+def check_sequence_len(cfg: dict, source: str) -> list[str]:
+    """Every passage, with BOS and EOS, must fit in sequence_len (Axolotl drops longer ones)."""
+    sequence_len = cfg.get("sequence_len")
+    if not isinstance(sequence_len, int):
+        return []
+    files = []
+    for group in ("datasets", "test_datasets"):
+        for entry in cfg.get(group) or []:
+            path = Path(str((entry or {}).get("path", ""))).expanduser()
+            if path.is_file() and path.suffix == ".jsonl":
+                files.append(path)
+    if not files:
+        return []
+    tokenizer = _load_tokenizer(cfg)
+    if tokenizer is None:
+        return []
+    problems = []
+    for path in files:
+        texts = [json.loads(line).get("text", "") for line in path.open(encoding="utf-8")]
+        lengths = [len(ids) + 2 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        longest = max(lengths, default=0)
+        if longest > sequence_len:
+            over = sum(n > sequence_len for n in lengths)
+            problems.append(
+                f"{source}: {over} passage(s) in {path} are longer than sequence_len "
+                f"{sequence_len} (longest {longest} tokens with BOS/EOS); raise sequence_len or "
+                f"re-run data_prep with a smaller --max-tokens"
+            )
+    return problems
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def check_cuda(cfg: dict, source: str) -> list[str]:
+    needs = [key for key in GPU_ONLY_KEYS if cfg.get(key) is True]
+    if str(cfg.get("attn_implementation", "")).startswith("flash"):
+        needs.append("attn_implementation")
+    if needs and not _cuda_available():
+        return [
+            f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) but CUDA is not available here; "
+            "on a CPU run `make demo` or `axolotl train recipes/tiny-mistral-cpu.yml`"
+        ]
+    return []
+
+
+def check_recipe(cfg_or_path, runtime: bool = False) -> list[str]:
+    """All problems found in a recipe (a path or an already-loaded dict)."""
+    if isinstance(cfg_or_path, dict):
+        cfg, source = cfg_or_path, str(cfg_or_path.get("axolotl_config_path", "recipe"))
+    else:
+        source = str(cfg_or_path)
+        try:
+            cfg = yaml.safe_load(Path(cfg_or_path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return [f"{source}: recipe file not found"]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            return [f"{source}: not valid YAML{where}; fix the indentation/quoting there"]
+        if not isinstance(cfg, dict):
+            return [f"{source}: expected a mapping of Axolotl options, got {type(cfg).__name__}"]
+    cfg = {k: v for k, v in cfg.items() if k != "axolotl_config_path"}
+    problems = check_keys(cfg, source) + check_paths(cfg, source)
+    if not problems:  # type errors are noise while keys or paths are wrong
+        problems += check_types(cfg, source)
+    if runtime:
+        problems += check_cuda(cfg, source)
+        if not problems:
+            problems += check_sequence_len(cfg, source)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# The Axolotl plugin
+
+
+def _running_preprocess() -> bool:
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "preprocess" in sys.argv[:2] or (main_spec is not None and "preprocess" in main_spec.name)
+
+
+class FiniteLossCallback(TrainerCallback):
+    """Stops training with exit status 1 when a logged loss or grad norm is NaN/inf."""
+
+    WATCHED = ("loss", "grad_norm", "eval_loss")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.WATCHED:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise RecipeError(
+                    f"error: {key} became {value} at step {state.global_step}; training stopped "
+                    "before saving. Lower learning_rate (or check the data) and re-run; the last "
+                    f"good checkpoint, if any, is in {args.output_dir}"
+                )
+        return control
+
+
+class RecipeGuardPlugin(BasePlugin):
+    """Axolotl plugin: pre-flight checks at config load, finite-loss guard during training."""
+
+    def register(self, cfg):
+        problems = check_recipe(dict(cfg), runtime=not _running_preprocess())
+        if problems:
+            raise RecipeError("\n".join(f"error: {p}" for p in problems))
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        return [FiniteLossCallback()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Check Axolotl recipes before training.")
+    parser.add_argument("recipes", nargs="+", type=Path)
+    parser.add_argument(
+        "--runtime", action="store_true",
+        help="also check CUDA availability and passage lengths, as `axolotl train` does",
+    )
+    args = parser.parse_args(argv)
+    failed = 0
+    for recipe in args.recipes:
+        problems = check_recipe(recipe, runtime=args.runtime)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"ok: {recipe}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
