@@ -1,0 +1,427 @@
+"""Shared pieces of the eval scripts: inputs checked up front, model + adapter loading, outputs.
+
+Every bad input raises `EvalError` with one line that names the file (and line) and the fix;
+each script's `main()` prints it as `error: ...` and returns 2 before anything is written.
+Heavy libraries (torch, transformers, peft) are imported only once the inputs have passed the
+cheap checks, so a typo in a path fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+LOG = logging.getLogger("eval")
+
+DEFAULT_EVAL_DATA = Path("data/prepared/clean/eval.jsonl")
+DEFAULT_TRAIN_DATA = Path("data/prepared/clean/train.jsonl")
+DEFAULT_OUT_NO_ADAPTER = Path("outputs/eval")
+EVAL_SUBDIR = "eval"  # RUN_DIR/eval/ holds perplexity.* and generations.*
+PERPLEXITY_JSON = "perplexity.json"
+GENERATIONS_JSON = "generations.json"
+
+# End-of-text tokens tried, in order, when a tokenizer reports no EOS or EOS == BOS (SmolLM2's
+# GGUF-derived tokenizer says eos = bos = <|im_start|>).
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+class EvalError(Exception):
+    """A bad input, reported as one line naming the file/field and the fix."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def quiet_library_logs() -> None:
+    """Silence import-time noise of optional backends (torchao .so files, bitsandbytes hub
+    kernels) that says nothing about this evaluation and would bury the one-line errors."""
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*publisher trust check.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_main(run, args) -> int:
+    """Call `run(args)`; turn an EvalError into `error: ...` on stderr and exit status 2."""
+    try:
+        run(args)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_texts(path: Path, what: str = "data file") -> list[str]:
+    """Rows of a dataset: JSONL (`{"text": ...}` per line) or, for any other suffix, plain text
+    split into paragraphs at blank lines. Blank JSONL lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        hint = (
+            "run `python -m data_prep` first"
+            if "data/prepared" in path.as_posix()
+            else "check the path"
+        )
+        raise EvalError(f"{what} {path} not found: {hint}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(
+            f"{what} {path} is not UTF-8 text ({err.reason}): re-save it as UTF-8"
+        ) from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = _parse_jsonl(path, raw)
+    else:
+        rows = [p.strip() for p in re.split(r"\n[ \t]*\n", raw) if p.strip()]
+    if not rows:
+        raise EvalError(
+            f"{what} {path} has no rows: give a file with at least one non-empty "
+            + ('{"text": ...} line' if path.suffix.lower() in (".jsonl", ".json") else "paragraph")
+        )
+    return rows
+
+
+def _parse_jsonl(path: Path, raw: str) -> list[str]:
+    fix = 'each line must be one JSON object like {"text": "..."}'
+    rows = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{where}: not valid JSON ({err.msg}): {fix}") from None
+        if not isinstance(record, dict) or "text" not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise EvalError(f'{where}: no "text" key (found: {keys or "nothing"}): {fix}')
+        text = record["text"]
+        if not isinstance(text, str):
+            raise EvalError(f'{where}: "text" is {type(text).__name__}, not a string: {fix}')
+        if not text.strip():
+            raise EvalError(f'{where}: "text" is empty: remove the line or regenerate the file')
+        rows.append(text)
+    return rows
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_model_ref(model: str) -> None:
+    """A local model directory must exist and hold config.json; a hub id is tried only online."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise EvalError(
+                f"model {model} is not a Hugging Face model directory (no config.json): "
+                "pass the directory written by save_pretrained (e.g. models/tiny-mistral)"
+            )
+        return
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local or _offline():
+        raise EvalError(
+            f"model directory {model} not found: build it (python -m models.tiny_mistral or "
+            "python -m models.smollm2) or pass --model with an existing directory"
+            + (" (HF_HUB_OFFLINE=1, so hub ids are not downloaded)" if _offline() else "")
+        )
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    """adapter_config.json of a LoRA output dir, checked to exist with its weights."""
+    adapter = Path(adapter)
+    fix = "pass the axolotl output_dir of a LoRA run (adapter_config.json + adapter_model.*)"
+    if not adapter.is_dir():
+        raise EvalError(f"adapter directory {adapter} not found: {fix}")
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise EvalError(f"{config_file} not found: {fix}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalError(f"{config_file} is not valid JSON ({first_line(err)}): {fix}") from None
+    if not isinstance(config, dict):
+        raise EvalError(f"{config_file} is not a JSON object: {fix}")
+    if not any((adapter / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise EvalError(f"{adapter} has no adapter_model.safetensors: {fix}")
+    return config
+
+
+def resolve_model_arg(model: str | None, adapter: Path | None) -> tuple[str, dict | None]:
+    """(base model reference, adapter config); the base defaults to the adapter's own base."""
+    adapter_config = read_adapter_config(adapter) if adapter else None
+    if model is None:
+        base = (adapter_config or {}).get("base_model_name_or_path")
+        if not base:
+            raise EvalError("--model is required (no --adapter whose adapter_config.json names it)")
+        LOG.info("base model from adapter_config.json: %s", base)
+        model = base
+    check_model_ref(model)
+    if adapter_config:
+        trained_on = adapter_config.get("base_model_name_or_path")
+        if trained_on and not _same_model(trained_on, model):
+            LOG.warning(
+                "adapter %s was trained on %s, evaluating it on %s (shapes are checked)",
+                adapter, trained_on, model,
+            )
+    return model, adapter_config
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def default_out_dir(adapter: Path | None) -> Path:
+    """RUN_DIR/eval next to the adapter, else outputs/eval."""
+    return Path(adapter) / EVAL_SUBDIR if adapter else DEFAULT_OUT_NO_ADAPTER
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_files_atomic(out_dir: Path, files: dict[str, str | bytes]) -> list[Path]:
+    """Write every file to a temp name in out_dir first, then rename them all into place, so an
+    error part-way leaves the previous outputs untouched."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for name, content in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files 0600
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+            staged.append((tmp, out_dir / name))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return [final for _, final in staged]
+
+
+def utc_timestamp() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a table; None/inf/nan as "n/a"."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def md_escape(text: str) -> str:
+    """Text safe inside one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def resolve_device(load_in_4bit: bool = False):
+    """(device, dtype): bf16 on CUDA, fp32 on CPU; 4-bit nf4 needs CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    if load_in_4bit:
+        raise EvalError(
+            "--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to evaluate in "
+            "fp32 on this CPU"
+        )
+    return torch.device("cpu"), torch.float32
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | None = None,
+                   pad_token: str | None = None):
+    """The model's tokenizer with a usable EOS and pad token.
+
+    EOS: `--eos-token`, else the tokenizer's own unless it is missing or equal to BOS (then the
+    first of EOS_CANDIDATES in the vocabulary). Pad: `--pad-token`, else the tokenizer's, else
+    EOS. Padding is only for batching: padded positions are masked out and never scored.
+    """
+    from transformers import AutoTokenizer
+
+    source = tokenizer or model
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
+        raise EvalError(f"cannot load the tokenizer of {source} ({first_line(err)}): "
+                        "pass --tokenizer DIR with tokenizer files") from None
+    vocab = tok.get_vocab()
+    for flag, value in (("--eos-token", eos_token), ("--pad-token", pad_token)):
+        if value is not None and value not in vocab:
+            raise EvalError(f"{flag} {value!r} is not in the vocabulary of {source}: "
+                            "pass a token the tokenizer knows")
+    if eos_token is not None:
+        tok.eos_token = eos_token
+    elif tok.eos_token is None or (tok.bos_token is not None and tok.eos_token == tok.bos_token):
+        replacement = next((c for c in EOS_CANDIDATES if c in vocab and c != tok.bos_token), None)
+        if replacement:
+            LOG.warning("tokenizer of %s reports eos = %r (bos %r): using %r; pass --eos-token "
+                        "to choose", source, tok.eos_token, tok.bos_token, replacement)
+            tok.eos_token = replacement
+    if pad_token is not None:
+        tok.pad_token = pad_token
+    elif tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def context_prefix_id(tok) -> int | None:
+    """Token to put before each text when the tokenizer adds no BOS itself.
+
+    The Mistral tokenizer adds BOS: nothing extra. Tokenizers that add none (SmolLM2's) get EOS
+    as a context-only first token, as lm-eval does for rolling log-likelihoods and as packed
+    training sees each passage after the previous one's EOS; otherwise a text's first token
+    would have no context and could not be scored. The prefix is never scored.
+    """
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id:
+        return None
+    return tok.eos_token_id
+
+
+def encode(tok, texts: list[str]) -> tuple[list[list[int]], int | None]:
+    """Token ids of each text as the tokenizer adds specials, plus the context prefix if any."""
+    prefix = context_prefix_id(tok)
+    ids = tok(list(texts), add_special_tokens=True)["input_ids"]
+    if prefix is not None:
+        ids = [[prefix, *row] for row in ids]
+    return ids, prefix
+
+
+def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False):
+    """Base model on the eval device, with the LoRA adapter on top when given (eval mode)."""
+    device, dtype = resolve_device(load_in_4bit)
+    import torch  # noqa: F401 - imported for its side effects on transformers' device checks
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
+        raise EvalError(f"cannot load model {model} ({first_line(err)}): pass --model with a "
+                        "causal-LM directory written by save_pretrained") from None
+    if not load_in_4bit:
+        base.to(device)
+    if adapter is not None:
+        config = read_adapter_config(adapter)
+        check_adapter_fits(base, Path(adapter), model, config)
+        from peft import PeftModel
+
+        try:
+            base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+        except Exception as err:  # noqa: BLE001 - peft's shape/key errors become one line
+            raise EvalError(
+                f"adapter {adapter} does not load on {model} ({first_line(err)}): pass the "
+                f"--model it was trained on ({config.get('base_model_name_or_path', '?')})"
+            ) from None
+    base.eval()
+    return base
+
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def check_adapter_fits(model, adapter: Path, model_ref: str, config: dict) -> None:
+    """Compare each LoRA A/B matrix in adapter_model.safetensors with the layer it adapts, so an
+    adapter made for another base fails with one line instead of peft's size-mismatch dump."""
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # .bin adapters: peft's own error is converted by load_model
+    from safetensors import safe_open
+
+    trained_on = config.get("base_model_name_or_path", "?")
+    fix = f"pass the --model the adapter was trained on ({trained_on})"
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except Exception as err:  # noqa: BLE001
+        raise EvalError(f"{weights} is unreadable ({first_line(err)}): retrain or re-copy it"
+                        ) from None
+    for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+        match = _LORA_KEY.match(key)
+        if not match:
+            continue
+        name = match["module"]
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise EvalError(f"adapter {adapter} adapts {name}, which model {model_ref} does not "
+                            f"have: {fix}") from None
+        if not hasattr(layer, "in_features"):
+            continue
+        shape = tuple(handle.get_slice(key).get_shape())
+        want, got, side = (
+            (layer.in_features, shape[1], "input") if match["ab"] == "A"
+            else (layer.out_features, shape[0], "output")
+        )
+        if want != got:
+            raise EvalError(
+                f"adapter {adapter} does not fit model {model_ref}: {key} has shape "
+                f"{list(shape)} for {side} size {got}, but {name} has {side} size {want}: {fix}"
+            )
+
+
+def base_model_context(model):
+    """Context in which a PeftModel behaves as its base model (adapter disabled)."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def library_versions() -> dict:
+    versions = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft"):
+        with contextlib.suppress(Exception):
+            versions[name] = __import__(name).__version__
+    return versions
