@@ -51,6 +51,7 @@ from eval.common import (
     model_device,
     quiet_library_logs,
     read_texts,
+    resolve_device,
     resolve_model_arg,
     run_main,
     setup_logging,
@@ -263,6 +264,7 @@ def run(args) -> dict:
     out_dir = args.out or default_out_dir(args.adapter)
 
     quiet_library_logs()
+    resolve_device(args.load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
     tok = load_tokenizer(model_ref, args.tokenizer, args.eos_token, args.pad_token)
     model = load_model(model_ref, args.adapter, load_in_4bit=args.load_in_4bit)
     labels = ["base", "adapter"] if args.adapter else ["base"]

@@ -109,6 +109,9 @@ def plot_losses(curves: dict, path: Path) -> None:
         if curves[name]:
             steps, losses = zip(*curves[name], strict=True)
             ax.plot(steps, losses, marker=marker, color=COLOURS[name], label=f"{name} loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean NLL per token, nats)")
     ax.set_title("Training and eval loss")

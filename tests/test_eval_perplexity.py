@@ -181,6 +181,35 @@ def test_missing_data_model_and_adapter(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_load_in_4bit_needs_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: see test_load_in_4bit_on_gpu")
+    out = tmp_path / "out"
+    expect_error(capsys, ["--model", str(tiny_model_dir()), "--load-in-4bit", "--data",
+                          str(write_jsonl(tmp_path / "e.jsonl", TEXTS)), "--out", str(out)],
+                 "--load-in-4bit needs a CUDA GPU")
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_load_in_4bit_on_gpu(tmp_path):
+    """nf4 base + LoRA on CUDA: runs, scores both models, records the dtype."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    code, out = run_ppl(tmp_path, "--adapter", str(adapter_dir("nonzero")), "--compare",
+                        "--load-in-4bit")
+    assert code == 0
+    result = json.loads((out / "perplexity.json").read_text())
+    assert result["dtype"].startswith("nf4") and result["device"].startswith("cuda")
+    metrics = result["datasets"][0]["metrics"]
+    assert all(math.isfinite(metrics[m]["corpus_ppl"]) for m in ("base", "adapter"))
+    assert metrics["base"]["corpus_ppl"] != metrics["adapter"]["corpus_ppl"]
+
+
 def test_adapter_for_another_base_is_one_line(tmp_path, capsys):
     data = write_jsonl(tmp_path / "eval.jsonl", TEXTS)
     out = tmp_path / "out"
