@@ -1,0 +1,13 @@
+"""Names shared by the benchmark's processes (kept free of heavy imports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ENV_STEPS_PATH = "BENCH_STEPS_JSONL"  # where a run's StepRecorder writes its JSON lines
+
+
+def rank_path(base: str | Path, rank: int) -> Path:
+    """`steps.jsonl` -> `steps.rank0.jsonl` (one file per process of a multi-GPU run)."""
+    base = Path(base)
+    return base.with_name(f"{base.stem}.rank{rank}{base.suffix or '.jsonl'}")

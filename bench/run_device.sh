@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# bench/run_device.sh - the one command for the GPU machine: install the carried wheels, build a
+# random-init Mistral-7B, run the notebook baseline, the recipe and its variants under a time
+# budget, and leave the results in $OUT.
+#
+# Run from the repo root on the GPU machine (device tool), carrying
+#   .whl                      <- /work/shared/device/fetch-wheels.sh .whl   (~23 MiB)
+#   data/prepared             <- python -m data_prep --mode clean && python -m data_prep --mode seed
+#   models/mistral-tokenizer  <- python -m bench.build_random_mistral --tokenizer-only \
+#                                    --out models/mistral-tokenizer          (3.5 MB; the GPU
+#                                machine has no mistral_common package to make it there)
+#   command: bash bench/run_device.sh      (timeout_s 600; ends itself by ~BUDGET_S + 20 s)
+#
+# Environment knobs (all optional):
+#   VARIANTS=notebook,recipe,...  (default: bench/variants.py DEFAULT_VARIANTS)
+#   BUDGET_S=510     seconds from this script's start by which the last run must end
+#   GPUS=1           GPUs for the axolotl runs (torchrun, one process each)
+#   RECIPE=recipes/mistral-qlora.yml   WARMUP=3   STEPS=10
+#   TOKENIZER_DIR=models/mistral-tokenizer (falls back to models/tiny-mistral)
+#   MODEL_DIR=/tmp/mistral-7b-random   (kept if already built on this machine)
+#   WORK_DIR=/tmp/bench-runs   PYTHON=python3
+#   INSTALL_WHEELS=0 / BUILD_ARGS="--tiny --device cpu"   (CPU smoke test of this script)
+# Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
+#
+# Files left in $OUT (at most 8 come back): env.txt, build.log, throughput.jsonl (one summary
+# line per variant), steps.jsonl (every per-step record), runs.log (all run logs),
+# eval-perplexity.json. The table is printed last.
+set -uo pipefail
+
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-510}
+OUT=${OUT:-/tmp/bench-out}
+MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-random}
+WORK_DIR=${WORK_DIR:-/tmp/bench-runs}
+PYTHON=${PYTHON:-python3}
+RECIPE=${RECIPE:-recipes/mistral-qlora.yml}
+GPUS=${GPUS:-1}
+WARMUP=${WARMUP:-3}
+STEPS=${STEPS:-10}
+fail() { echo "error: $*" >&2; exit 1; }
+
+# -- what must have travelled -------------------------------------------------------------
+[[ -f bench/run_device.sh ]] || fail "run from the repository root (bench/run_device.sh not found)"
+for mode in clean seed; do
+  [[ -s data/prepared/$mode/train.jsonl ]] || fail "data/prepared/$mode/train.jsonl missing: run" \
+    "\`python -m data_prep --mode $mode\` on the CPU machine and carry data/prepared"
+done
+[[ ${INSTALL_WHEELS:-1} == 0 ]] || compgen -G ".whl/*.whl" >/dev/null || fail ".whl/*.whl missing: run" \
+  "/work/shared/device/fetch-wheels.sh .whl on the CPU machine and carry .whl"
+if [[ -z ${TOKENIZER_DIR:-} ]]; then
+  TOKENIZER_DIR=models/mistral-tokenizer
+  [[ -f $TOKENIZER_DIR/tokenizer.json || ! -f models/tiny-mistral/tokenizer.json ]] \
+    || TOKENIZER_DIR=models/tiny-mistral
+fi
+[[ -f $TOKENIZER_DIR/tokenizer.json ]] || fail "$TOKENIZER_DIR/tokenizer.json missing: run" \
+  "\`python -m bench.build_random_mistral --tokenizer-only --out models/mistral-tokenizer\`" \
+  "on the CPU machine and carry models/mistral-tokenizer"
+[[ -f $RECIPE ]] || fail "$RECIPE missing (commit the recipe or set RECIPE=...)"
+mkdir -p "$OUT" || fail "cannot create OUT=$OUT"
+
+# -- packages -----------------------------------------------------------------------------
+if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || fail "pip install of .whl/*.whl failed"
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1 \
+  TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+
+{
+  date -u +"%F %T UTC"; git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=index,name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+  "$PYTHON" - <<'PY'
+import importlib.metadata as md, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| gpus", torch.cuda.device_count(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "-"
+print(" | ".join(f"{n} {version(n)}" for n in ("transformers", "peft", "accelerate", "axolotl",
+      "bitsandbytes", "datasets", "trl", "liger-kernel", "triton", "tokenizers")))
+PY
+  free -g | head -2; df -h /tmp | tail -1; nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+# -- the model ----------------------------------------------------------------------------
+# shellcheck disable=SC2086 - BUILD_ARGS is a list of words
+"$PYTHON" -m bench.build_random_mistral --out "$MODEL_DIR" --tokenizer-from "$TOKENIZER_DIR" \
+  ${BUILD_ARGS:-} 2>&1 | tee "$OUT/build.log"
+[[ ${PIPESTATUS[0]} == 0 ]] || fail "building the random Mistral-7B failed (see build.log)"
+echo "[run_device] setup done after $(( $(date +%s) - T0 )) s"
+
+# -- the runs -----------------------------------------------------------------------------
+variants_arg=()
+[[ -n ${VARIANTS:-} ]] && variants_arg=(--variants "$VARIANTS")
+"$PYTHON" -m bench.train_throughput --model "$MODEL_DIR" --recipe "$RECIPE" "${variants_arg[@]}" \
+  --gpus "$GPUS" --warmup "$WARMUP" --steps "$STEPS" --deadline-unix $(( T0 + BUDGET_S )) \
+  --results "$OUT/throughput.jsonl" --work-dir "$WORK_DIR" --log "$OUT/runs.log" "$@"
+rc=$?
+cat "$WORK_DIR"/*/steps.rank*.jsonl > "$OUT/steps.jsonl" 2>/dev/null
+for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json; do
+  [[ -f $f ]] && cp "$f" "$OUT/eval-perplexity.json" && break
+done
+echo "[run_device] done in $(( $(date +%s) - T0 )) s (exit $rc); files: $(ls "$OUT" | tr '\n' ' ')"
+exit $rc

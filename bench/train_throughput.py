@@ -1,0 +1,568 @@
+"""Training throughput, memory and MFU: the notebook's method vs the axolotl recipe and variants.
+
+Usage:
+    python -m bench.train_throughput --model /tmp/mistral-7b-random \
+        [--variants notebook,recipe,varlen,...] [--recipe recipes/mistral-qlora.yml] \
+        [--warmup 3 --steps 10] [--results bench/results/throughput.jsonl] \
+        [--deadline-unix EPOCH | --budget-s 480] [--gpus N [--launcher torchrun|accelerate]] \
+        [--set KEY=YAML ...] [--cpu]
+    python -m bench.train_throughput --table bench/results/throughput.jsonl   # reprint a table
+    python -m bench.train_throughput --list                                   # the variants
+
+Each variant (bench/variants.py) runs in its own process for `warmup + steps` optimizer steps:
+the notebook baseline through bench.notebook_baseline, the others through
+`python -m axolotl.cli.train <generated.yml>` (under torchrun/accelerate with --gpus N > 1),
+the generated config being the recipe + benchmark settings (the given model, max_steps,
+gradient accumulation 1, no saves/evals/watchdog, a fresh output_dir under --work-dir, logging
+every step, the throughput plugin) + the variant's overrides + --set. `eval` variants time
+`python -m eval.perplexity --compare` on the adapter that the `recipe` run saved. bench.step_recorder writes one JSON line per optimizer step;
+the first `--warmup` steps are dropped and the rest summarised into one JSON line appended to
+--results right after each run (so a cut-off session keeps what finished):
+tokens/s (real tokens: padding excluded; summed over GPUs), seconds/step (median and mean),
+peak GPU memory (allocated and reserved, GiB, max over GPUs and steps; loading excluded,
+`load_*` has it), trainable parameters, MFU/HFU (bench/flops.py: vs 989 TFLOP/s H100 bf16 peak
+and vs the measured 790 TFLOP/s matmul), final loss and whether all losses were finite.
+
+Time guard: a run starts only if its estimated cost (the slowest finished run of its kind, or
+--estimate-s at first) fits before the deadline, and each run is killed at the deadline; a
+skipped or cut run still gets its line (status `skipped: budget` / `timeout`). A table of this
+invocation's runs is printed last. `--cpu` makes everything run on a CPU (tests): fp32
+everywhere (the notebook's compute dtype too), axolotl's LoRA Triton kernels and Liger off, and
+axolotl's QLoRA turned into LoRA (the notebook keeps its 4-bit model: bitsandbytes runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from bench.common import ENV_STEPS_PATH
+from bench.flops import H100_MEASURED_MATMUL_FLOPS, H100_PEAK_BF16_FLOPS, utilisation
+from bench.variants import DEFAULT_VARIANTS, LORA_KERNELS, VARIANTS, expand_overrides
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = "bench.axolotl_plugin.ThroughputPlugin"
+DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
+DEFAULT_RESULTS = Path("bench/results/throughput.jsonl")
+DEFAULT_ESTIMATE_S = (120.0, 150.0, 90.0)  # notebook, axolotl, eval runs (s)
+KILL_GRACE_S = 10
+# Multicast NVLink can take a shared host's GPUs down (device README): keep it off everywhere.
+SAFE_MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                      "NVSHMEM_DISABLE_NVLS": "1"}
+# Keys that would save, evaluate, resume, log remotely or stop early: off for benchmarks.
+REMOVED_KEYS = ("save_steps", "saves_per_epoch", "save_total_limit", "save_first_step",
+                "eval_steps", "evals_per_epoch", "test_datasets", "do_bench_eval",
+                "eval_table_size", "resume_from_checkpoint", "hub_model_id", "hub_strategy",
+                "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model", "wandb_watch",
+                "mlflow_tracking_uri", "comet_project_name", "loss_watchdog_threshold",
+                "loss_watchdog_patience", "early_stopping_patience", "load_best_model_at_end",
+                "metric_for_best_model", "greater_is_better")
+
+
+class BenchError(SystemExit):
+    """One-line error, exit status 1."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Recursive dict merge; an override value of None deletes the key."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    sets = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--set {pair!r}: expected KEY=VALUE (VALUE is YAML)")
+        sets[key] = yaml.safe_load(value)
+    return sets
+
+
+def cpu_overrides(cfg: dict) -> dict:
+    """What makes a GPU recipe run on a CPU (TRAPS.md): fp32, no Triton kernels or Liger, and
+    LoRA on unquantised weights (recipes.guard refuses 4-bit loading without CUDA)."""
+    out = {"bf16": False, "fp16": False, "tf32": False, "liger": False,
+           **dict.fromkeys((*LORA_KERNELS, "lora_embedding_kernel"), False)}
+    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit"):
+        out.update(load_in_4bit=False, load_in_8bit=False, adapter="lora")
+    if str(cfg.get("attn_implementation", "")).startswith(("flash", "flex")):
+        out["attn_implementation"] = "sdpa"
+    return out
+
+
+def axolotl_config(recipe: dict, overrides: dict, *, model_dir: Path, run_dir: Path,
+                   prepared_dir: Path, max_steps: int, cpu: bool, sets: dict) -> dict:
+    """The recipe with benchmark settings, the variant's overrides, CPU settings and --set."""
+    bench = {
+        "base_model": str(model_dir),
+        "output_dir": str(run_dir / "out"),
+        "dataset_prepared_path": str(prepared_dir),
+        "max_steps": max_steps,
+        # tokens/s and memory are per micro-batch; accumulation only spreads the (small) LoRA
+        # optimizer step over more tokens, so 1 is conservative and keeps runs short
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "val_set_size": 0.0,
+        "auto_resume_from_checkpoints": False,
+        **dict.fromkeys(REMOVED_KEYS),
+    }
+    for key in ("base_model_config", "tokenizer_config"):  # may name a hub id: use the model's
+        if key in recipe:
+            bench[key] = str(model_dir)
+    overrides = merge(overrides, cpu_overrides(merge(recipe, overrides))) if cpu else overrides
+    variant, plugins = expand_overrides(overrides, recipe.get("plugins") or [])
+    cfg = merge(merge(recipe, bench), variant)
+    cfg["plugins"] = [p for p in plugins if p != PLUGIN] + [PLUGIN]
+    return merge(cfg, sets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def subprocess_env(label: str, steps_path: Path, threads: int | None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env.update(HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", BENCH_LABEL=label, **SAFE_MULTI_GPU_ENV)
+    env[ENV_STEPS_PATH] = str(steps_path)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def launch_prefix(gpus: int, launcher: str) -> list[str]:
+    if gpus <= 1:
+        return [sys.executable, "-m"]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                str(gpus), "--num_machines", "1", "--mixed_precision", "no", "-m"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(gpus), "-m"]
+
+
+def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float) -> tuple[int, bool]:
+    """Run in its own session (so a timeout kills launcher and workers); (returncode, timed_out)."""
+    with log_path.open("w") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=max(timeout_s, 1)), False
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            proc.wait()
+            return proc.returncode, True
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+def read_records(steps_path: Path) -> list[dict]:
+    records = []
+    for path in sorted(steps_path.parent.glob(f"{steps_path.stem}.rank*{steps_path.suffix}")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    return records
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Figures over the steps after `warmup`; steps of all ranks merged (tokens summed, the
+    slowest rank's time, the largest memory)."""
+    metas = [r for r in records if r.get("event") == "meta"]
+    by_step: dict[int, list[dict]] = {}
+    for r in records:
+        if r.get("event") == "step":
+            by_step.setdefault(r["step"], []).append(r)
+    world = max((m.get("world_size", 1) for m in metas), default=1)
+    steps = []
+    for number in sorted(by_step):
+        ranks = by_step[number]
+        steps.append({
+            "step": number,
+            "step_s": max(r["step_s"] for r in ranks),
+            "tokens": sum(r["tokens"] for r in ranks),
+            "model_flops": sum(r["model_flops"] for r in ranks),
+            "hardware_flops": sum(r["hardware_flops"] for r in ranks),
+            "loss": statistics.fmean(r["loss"] for r in ranks),
+            "peak_alloc_gib": max((r["peak_alloc_gib"] or 0 for r in ranks), default=0) or None,
+            "peak_reserved_gib": max((r["peak_reserved_gib"] or 0 for r in ranks),
+                                     default=0) or None,
+        })
+    measured = [s for s in steps if s["step"] > warmup]
+    meta = metas[0] if metas else {}
+    out = {
+        "steps_recorded": len(steps),
+        "steps_measured": len(measured),
+        "gpus": world,
+        "device": meta.get("device"),
+        "trainable_params": meta.get("trainable_params"),
+        "gradient_checkpointing": meta.get("gradient_checkpointing"),
+        "micro_batch_size": meta.get("micro_batch_size"),
+        "load_peak_alloc_gib": max((m["load"]["peak_alloc_gib"] or 0 for m in metas),
+                                   default=0) or None,
+        "losses_finite": bool(steps) and all(math.isfinite(s["loss"]) for s in steps),
+        "final_loss": steps[-1]["loss"] if steps else None,
+    }
+    evals = [r for r in records if r.get("event") == "eval_forward"]
+    if evals:
+        out["eval_forward_tokens_per_s"] = evals[0]["tokens_per_s"]
+    if not measured:
+        return out
+    seconds = sum(s["step_s"] for s in measured)
+    step_times = [s["step_s"] for s in measured]
+    model_flops = sum(s["model_flops"] for s in measured)
+    hardware_flops = sum(s["hardware_flops"] for s in measured)
+    out.update({
+        "tokens_per_s": sum(s["tokens"] for s in measured) / seconds,
+        "tokens_per_s_median_step": statistics.median(s["tokens"] / s["step_s"]
+                                                      for s in measured),
+        "tokens_per_step": statistics.fmean(s["tokens"] for s in measured),
+        "step_s_median": statistics.median(step_times),
+        "step_s_mean": statistics.fmean(step_times),
+        "step_s_max": max(step_times),
+        "peak_alloc_gib": max((s["peak_alloc_gib"] or 0 for s in steps), default=0) or None,
+        "peak_reserved_gib": max((s["peak_reserved_gib"] or 0 for s in steps), default=0) or None,
+        "model_tflops_per_s": model_flops / seconds / 1e12,
+        "mfu_pct": 100 * utilisation(model_flops, seconds, world, H100_PEAK_BF16_FLOPS),
+        "mfu_pct_vs_measured": 100 * utilisation(model_flops, seconds, world,
+                                                 H100_MEASURED_MATMUL_FLOPS),
+        "hfu_pct": 100 * utilisation(hardware_flops, seconds, world, H100_PEAK_BF16_FLOPS),
+    })
+    return out
+
+
+def status_of(summary: dict, returncode: int | None, timed_out: bool) -> str:
+    if timed_out:
+        status = "timeout"
+    elif returncode:
+        status = f"failed (rc {returncode})"
+    elif not summary.get("steps_measured"):
+        status = "no measured steps"
+    elif not summary.get("losses_finite"):
+        status = "loss not finite"
+    else:
+        status = "ok"
+    return status
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:  # one line per write: a partial file stays valid JSONL
+        handle.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Table
+
+COLUMNS = (  # header, key, format
+    ("variant", "variant", "{}"),
+    ("status", "status", "{}"),
+    ("tok/s", "tokens_per_s", "{:,.0f}"),
+    ("s/step med", "step_s_median", "{:.3f}"),
+    ("s/step mean", "step_s_mean", "{:.3f}"),
+    ("tok/step", "tokens_per_step", "{:,.0f}"),
+    ("alloc GiB", "peak_alloc_gib", "{:.1f}"),
+    ("resv GiB", "peak_reserved_gib", "{:.1f}"),
+    ("trainable", "trainable_params", "{:,}"),
+    ("MFU%", "mfu_pct", "{:.1f}"),
+    ("MFU%790", "mfu_pct_vs_measured", "{:.1f}"),
+    ("HFU%", "hfu_pct", "{:.1f}"),
+    ("loss", "final_loss", "{:.3f}"),
+    ("gpus", "gpus", "{}"),
+    ("wall s", "wall_s", "{:.0f}"),
+)
+
+
+def format_table(results: list[dict]) -> str:
+    """Training runs as a table; scoring figures (eval runs, the notebook's forward pass) below."""
+    rows = [[h for h, _, _ in COLUMNS]]
+    for result in results:
+        if result.get("kind") == "eval":
+            continue
+        rows.append(["-" if result.get(key) is None else fmt.format(result[key])
+                     for _, key, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if r.get("eval_forward_tokens_per_s"):
+            lines.append(f"{r['variant']}: forward-only pass over eval.jsonl (4-bit + adapter, "
+                         f"bench's own loop): {r['eval_forward_tokens_per_s']:,.0f} tokens/s")
+        if r.get("kind") == "eval":
+            speeds = ", ".join(f"{label} {r[f'eval_{label}_tokens_per_s']:,.0f}"
+                               for label in ("base", "adapter")
+                               if r.get(f"eval_{label}_tokens_per_s"))
+            lines.append(f"{r['variant']}: eval.perplexity scoring tokens/s ({r.get('eval_dtype')}"
+                         f"): {speeds or '-'} [{r['status']}]")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def plan_variants(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise BenchError(f"--variants: unknown {', '.join(unknown)}; known: "
+                         f"{', '.join(VARIANTS)}")
+    return names
+
+
+def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tuple[list, dict]:
+    """(argv, extra result fields) of one variant's run; writes the axolotl config."""
+    variant = VARIANTS[name]
+    kind, extra = variant["kind"], variant.get("args", [])
+    max_steps = args.warmup + args.steps
+    if kind == "notebook":
+        argv = [sys.executable, "-m", "bench.notebook_baseline", "--model", str(args.model),
+                "--steps", str(max_steps), "--train-jsonl", str(args.notebook_train),
+                "--eval-jsonl", args.notebook_eval, *extra]
+        if args.cpu:
+            argv += ["--compute-dtype", "fp32"]
+        return argv, {"args": extra}
+    if kind == "eval":
+        adapter = args.eval_adapter or args.work_dir / "recipe" / "out"
+        argv = [sys.executable, "-m", "eval.perplexity", "--model", str(args.model),
+                "--adapter", str(adapter), "--compare", "--out", str(run_dir / "eval"),
+                "--no-progress", *[a for a in extra if not (args.cpu and a == "--load-in-4bit")]]
+        for data in args.eval_data:
+            argv += ["--data", str(data)]
+        return argv, {"args": extra, "adapter": str(adapter)}
+    cfg = axolotl_config(recipe, variant["overrides"], model_dir=args.model, run_dir=run_dir,
+                         prepared_dir=args.work_dir / "prepared",
+                         max_steps=max_steps, cpu=args.cpu, sets=sets)
+    config_path = run_dir / "config.yml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    argv = [*launch_prefix(args.gpus, args.launcher), "axolotl.cli.train", str(config_path)]
+    return argv, {"recipe": str(args.recipe), "overrides": variant["overrides"], "sets": sets}
+
+
+def summarize_eval(run_dir: Path) -> dict:
+    """Scoring throughput from eval.perplexity's own timing (perplexity.json)."""
+    path = run_dir / "eval" / "perplexity.json"
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    out = {"device": result.get("device"), "eval_dtype": result.get("dtype")}
+    for label, figures in (result.get("throughput") or {}).items():
+        out[f"eval_{label}_tokens_per_s"] = figures.get("tokens_per_s")
+        out[f"eval_{label}_input_tokens"] = figures.get("input_tokens")
+    return out
+
+
+def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> dict:
+    """Run one variant to completion or timeout and return its summary line."""
+    kind = VARIANTS[name]["kind"]
+    run_dir = args.work_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_path = run_dir / "steps.jsonl"
+    for old in run_dir.glob("steps.rank*.jsonl"):
+        old.unlink()
+    argv, fields = command_for(name, args, recipe, sets, run_dir)
+    env = subprocess_env(name, steps_path, args.threads)
+    gpus = args.gpus if kind == "axolotl" else 1
+    if gpus == 1 and args.gpus > 1:  # the notebook and eval are single-GPU programs
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    print(f"[bench] {name}: running ({kind}, {gpus} GPU, timeout {timeout_s:.0f} s)", flush=True)
+    log_path = run_dir / "log.txt"
+    started = time.time()
+    returncode, timed_out = run_process(argv, env, log_path, timeout_s)
+    wall_s = time.time() - started
+
+    if kind == "eval":
+        summary = summarize_eval(run_dir)
+        status = status_of({"steps_measured": 1, "losses_finite": True} if summary else {},
+                           returncode, timed_out)
+        status = "no perplexity.json" if status == "no measured steps" else status
+    else:
+        records = read_records(steps_path)
+        summary = summarize(records, args.warmup)
+        status = status_of(summary, returncode, timed_out)
+        first_step = min((r["unix_time"] for r in records if r.get("event") == "step"),
+                         default=None)
+        summary["startup_s"] = first_step - started if first_step else None
+    return {**fields, "status": status, "wall_s": wall_s, **summary,
+            "log": str(log_path), "returncode": returncode}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model directory (bench.build_random_mistral)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated names from bench/variants.py, run in this order")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps not measured")
+    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                        help="JSONL file the summaries are appended to")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench-runs"),
+                        help="per-run configs, logs, step records and outputs")
+    parser.add_argument("--log", type=Path, default=None,
+                        help="append every run's log here too (default WORK_DIR/all-runs.log)")
+    parser.add_argument("--deadline-unix", type=float, default=None,
+                        help="no run may go past this time (seconds since the epoch)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="deadline = now + this (if --deadline-unix is not given)")
+    parser.add_argument("--run-timeout-s", type=float, default=420.0, help="cap per run")
+    parser.add_argument("--estimate-s", type=float, nargs=3, default=DEFAULT_ESTIMATE_S,
+                        metavar=("NOTEBOOK", "AXOLOTL", "EVAL"),
+                        help="assumed cost of a run before one of its kind has finished")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs for axolotl runs (1 process "
+                        "each under torchrun/accelerate; notebook and eval use one)")
+    parser.add_argument("--launcher", choices=("torchrun", "accelerate"), default="torchrun")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=YAML",
+                        help="override a top-level key in every generated axolotl config")
+    parser.add_argument("--notebook-train", type=Path,
+                        default=Path("data/prepared/seed/train.jsonl"))
+    parser.add_argument("--notebook-eval", default="data/prepared/clean/eval.jsonl",
+                        help="rows for the notebook run's timed forward pass ('' to skip)")
+    parser.add_argument("--eval-adapter", type=Path, default=None,
+                        help="adapter for eval variants (default WORK_DIR/recipe/out)")
+    parser.add_argument("--eval-data", type=Path, action="append", default=[],
+                        help="--data for eval.perplexity (default: its own)")
+    parser.add_argument("--cpu", action="store_true", help="CPU test mode (see above)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for runs")
+    parser.add_argument("--table", type=Path, default=None, help="print the table of a results "
+                        "file and exit")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name, variant in VARIANTS.items():
+            mark = "*" if name in DEFAULT_VARIANTS else " "
+            print(f"{mark} {name:15s} {variant['kind']:8s} {variant['about']}")
+        print("* = default selection")
+        return 0
+    if args.table:
+        if not args.table.is_file():
+            raise BenchError(f"--table {args.table}: no such file")
+        results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
+        print(format_table(results))
+        return 0
+    # runs start in the repo root: make every path the user gave absolute first
+    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    args.eval_data = [path.resolve() for path in args.eval_data]
+    if args.notebook_eval:
+        args.notebook_eval = str(Path(args.notebook_eval).resolve())
+    if args.model is None or not (args.model / "config.json").is_file():
+        raise BenchError(f"--model {args.model}: no config.json there; build one with "
+                         "`python -m bench.build_random_mistral --out DIR`")
+    names = plan_variants(args.variants)
+    kinds = {VARIANTS[n]["kind"] for n in names}
+    recipe = {}
+    if "axolotl" in kinds:
+        if not args.recipe.is_file():
+            raise BenchError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
+        recipe = yaml.safe_load(args.recipe.read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise BenchError(f"--recipe {args.recipe}: not a YAML mapping")
+    if "notebook" in kinds and not args.notebook_train.is_file():
+        raise BenchError(f"--notebook-train {args.notebook_train}: not found; run "
+                         "`python -m data_prep --mode seed`")
+    sets = parse_sets(args.sets)
+
+    started = time.time()
+    if args.deadline_unix is not None:
+        deadline = args.deadline_unix
+    else:
+        deadline = started + args.budget_s if args.budget_s is not None else math.inf
+    estimate = dict(zip(("notebook", "axolotl", "eval"), args.estimate_s, strict=True))
+    observed: dict[str, float] = {}
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    combined_log = args.log or args.work_dir / "all-runs.log"
+    results = []
+    for name in names:
+        kind = VARIANTS[name]["kind"]
+        base = {"variant": name, "kind": kind, "about": VARIANTS[name]["about"],
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                "warmup_steps": args.warmup, "max_steps": args.warmup + args.steps}
+        left = deadline - time.time()
+        adapter = args.eval_adapter or args.work_dir / "recipe" / "out"
+        if estimate[kind] > left:
+            result = {**base, "status": f"skipped: budget ({max(left, 0):.0f} s left, a {kind} run "
+                      f"takes ~{estimate[kind]:.0f} s)"}
+        elif kind == "eval" and not (adapter / "adapter_config.json").is_file():
+            result = {**base, "status": f"skipped: no adapter in {adapter} (run `recipe` first)"}
+        else:
+            result = {**base, **run_variant(name, args, recipe, sets,
+                                            min(args.run_timeout_s, left))}
+            # the slowest finished run of a kind replaces the first guess for that kind
+            observed[kind] = max(observed.get(kind, 0.0), result["wall_s"])
+            estimate[kind] = observed[kind]
+            log_text = Path(result["log"]).read_text(errors="replace")
+            with combined_log.open("a") as handle:
+                handle.write(f"\n===== {name} ({result['status']}, {result['wall_s']:.0f} s) "
+                             "=====\n" + log_text)
+            if result["status"] != "ok":
+                tail = "\n".join(log_text.splitlines()[-25:])
+                print(f"[bench] {name}: last lines of {result['log']}:\n{tail}", flush=True)
+        append_jsonl(args.results, result)
+        results.append(result)
+        figures = (f"; {result['tokens_per_s']:,.0f} tok/s, {result['step_s_median']:.3f} "
+                   f"s/step, peak {result['peak_alloc_gib'] or 0:.1f} GiB"
+                   if result.get("tokens_per_s") else "")
+        print(f"[bench] {name}: {result['status']}"
+              + (f" in {result['wall_s']:.0f} s" if "wall_s" in result else "") + figures,
+              flush=True)
+
+    print(f"\n[bench] results appended to {args.results}; logs in {combined_log}")
+    print(format_table(results))
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped")
+                    for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Named benchmark configurations: the notebook baseline, the recipe, and overrides on the recipe.
+
+Each entry is `kind` ("notebook": bench.notebook_baseline; "axolotl": the recipe through
+`python -m axolotl.cli.train`; "eval": `python -m eval.perplexity` on the adapter that the
+`recipe` run saved) plus `args` (extra command-line arguments) or `overrides` (merged into the
+recipe's YAML; a value of None deletes the key). The pseudo-key `liger` switches the Liger plugin and its four kernels on or
+off together. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
+is the order run (and the order a time budget cuts from the end).
+"""
+
+from __future__ import annotations
+
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
+               "liger_fused_linear_cross_entropy")
+LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+VARIANTS: dict[str, dict] = {
+    # -- the original notebook's method ---------------------------------------------------
+    "notebook": {"kind": "notebook", "args": [],
+                 "about": "notebook method: 4-bit nf4 dq, fp16, LoRA r32 q/v, 2 padded rows, "
+                          "grad ckpt, paged AdamW 8-bit"},
+    "notebook_bf16": {"kind": "notebook", "args": ["--compute-dtype", "bf16"],
+                      "about": "notebook method with bf16 compute instead of fp16"},
+    # -- scoring throughput of eval.perplexity, on the adapter the `recipe` run saved ----------
+    "eval_ppl": {"kind": "eval", "args": ["--load-in-4bit"],
+                 "about": "python -m eval.perplexity --compare on the recipe run's adapter "
+                          "(4-bit base, then base + adapter)"},
+    "eval_ppl_bf16": {"kind": "eval", "args": [],
+                      "about": "python -m eval.perplexity --compare, bf16 base weights"},
+    # -- the recipe as written ------------------------------------------------------------
+    "recipe": {"kind": "axolotl", "overrides": {}, "about": "recipes/mistral-qlora.yml as is"},
+    # -- memory/speed trade-offs ----------------------------------------------------------
+    "ckpt": {"kind": "axolotl", "overrides": {"gradient_checkpointing": True},
+             "about": "gradient checkpointing on"},
+    "no_ckpt": {"kind": "axolotl", "overrides": {"gradient_checkpointing": False},
+                "about": "gradient checkpointing off (fast, ~5x the memory)"},
+    "offload": {"kind": "axolotl", "overrides": {"gradient_checkpointing": "offload"},
+                "about": "checkpointed activations offloaded to CPU"},
+    "liger": {"kind": "axolotl", "overrides": {"liger": True},
+              "about": "Liger: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy"},
+    "no_liger": {"kind": "axolotl", "overrides": {"liger": False}, "about": "Liger off"},
+    "no_ckpt_liger": {"kind": "axolotl",
+                      "overrides": {"gradient_checkpointing": False, "liger": True},
+                      "about": "speed profile: no grad ckpt, Liger on"},
+    "ckpt_liger": {"kind": "axolotl",
+                   "overrides": {"gradient_checkpointing": True, "liger": True},
+                   "about": "memory profile: grad ckpt + Liger"},
+    "lean": {"kind": "axolotl",
+             "overrides": {"gradient_checkpointing": True, "liger": True, "sequence_len": 2048,
+                           "micro_batch_size": 1},
+             "about": "least memory: grad ckpt + Liger, 1 x 2048 packed"},
+    # -- batch shape ----------------------------------------------------------------------
+    "mbs1": {"kind": "axolotl", "overrides": {"micro_batch_size": 1},
+             "about": "micro-batch 1"},
+    "mbs4": {"kind": "axolotl", "overrides": {"micro_batch_size": 4},
+             "about": "micro-batch 4 (more tokens per 4-bit dequantisation)"},
+    "seq2048_mbs4": {"kind": "axolotl",
+                     "overrides": {"sequence_len": 2048, "micro_batch_size": 4},
+                     "about": "4 x 2048 packed (same tokens per step as 2 x 4096)"},
+    "seq8192_mbs1": {"kind": "axolotl",
+                     "overrides": {"sequence_len": 8192, "micro_batch_size": 1},
+                     "about": "1 x 8192 packed"},
+    # -- attention ------------------------------------------------------------------------
+    "varlen": {"kind": "axolotl",
+               "overrides": {"attn_implementation": "sdpa", "sdpa_varlen": True,
+                             "overrides_of_model_config": {"sliding_window": None}},
+               "about": "sdpa varlen (cu_seqlens: no cross-document attention work); needs "
+                        "the 4096 sliding window dropped, a no-op at sequence_len <= 4096"},
+    "sdpa_mask": {"kind": "axolotl",
+                  "overrides": {"attn_implementation": "sdpa", "sdpa_varlen": False},
+                  "about": "sdpa with the explicit block-diagonal mask"},
+    "flex": {"kind": "axolotl", "overrides": {"attn_implementation": "flex_attention"},
+             "about": "flex attention (compiles its kernel on the first step)"},
+    # -- LoRA -----------------------------------------------------------------------------
+    "lora_kernels": {"kind": "axolotl",
+                     "overrides": {**dict.fromkeys(LORA_KERNELS, True), "lora_dropout": 0.0},
+                     "about": "axolotl's Triton LoRA kernels (lora_dropout 0)"},
+    "no_lora_kernels": {"kind": "axolotl", "overrides": dict.fromkeys(LORA_KERNELS, False),
+                        "about": "axolotl's Triton LoRA kernels off"},
+    "qv_only": {"kind": "axolotl",
+                "overrides": {"lora_target_linear": False,
+                              "lora_target_modules": ["q_proj", "v_proj"]},
+                "about": "LoRA on q_proj/v_proj only (the notebook's targets)"},
+    # -- compiler -------------------------------------------------------------------------
+    "compile": {"kind": "axolotl", "overrides": {"torch_compile": True},
+                "about": "torch.compile (compile time lands in the warm-up steps)"},
+}
+
+# One H100 call: the two that the issue compares, the scoring throughput it asks for, then the
+# tuning candidates most likely to move the recipe (a time budget drops them from the end).
+DEFAULT_VARIANTS = ("notebook", "recipe", "eval_ppl", "varlen", "mbs4", "lean", "no_ckpt_liger")
+
+
+def expand_overrides(overrides: dict, recipe_plugins: list[str]) -> tuple[dict, list[str]]:
+    """Resolve the `liger` pseudo-key into config keys and a plugin list."""
+    overrides = dict(overrides)
+    plugins = list(recipe_plugins)
+    liger = overrides.pop("liger", None)
+    if liger is True:
+        if LIGER_PLUGIN not in plugins:
+            plugins.append(LIGER_PLUGIN)
+        overrides.update(dict.fromkeys(LIGER_FLAGS, True))
+    elif liger is False:
+        plugins = [p for p in plugins if p != LIGER_PLUGIN]
+        overrides.update(dict.fromkeys(LIGER_FLAGS, None))
+    return overrides, plugins
