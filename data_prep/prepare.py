@@ -170,6 +170,8 @@ def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[st
         ) from exc
     if not decoded.strip():
         raise DataPrepError(f"{path}: the file is empty; expected a CSV with a `text` column")
+    # csv's own 128 KiB field limit would fire first with a cryptic message; ours is clearer.
+    csv.field_size_limit(max(len(decoded), 131072))
     reader = csv.DictReader(io.StringIO(decoded, newline=""))
     columns = reader.fieldnames or []
     if "text" not in columns:
@@ -487,10 +489,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         csv_path = locate_csv(args.csv)
-        if args.skip_checksum:
-            input_sha = sha256_of(csv_path)
-        else:
-            input_sha = verify_checksum(csv_path)
+        input_sha = sha256_of(csv_path) if args.skip_checksum else verify_checksum(csv_path)
         rows = read_rows(csv_path, args.max_row_chars)
         modes = ["clean", "seed"] if args.mode == "both" else [args.mode]
         for mode in modes:

@@ -1,0 +1,112 @@
+"""Shared fixtures: environment for axolotl, the real CSV, and ONE real tiny training run.
+
+The tiny run (`axolotl preprocess` + `axolotl train recipes/tiny-mistral-cpu.yml` as
+subprocesses, ~2 min on 2 cores) is session-scoped: the recipe, reliability, secrets and eval
+tests all read the same run instead of training again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+SHARED_CSV = REPO.parent / "shared" / "data" / "frankenstein_chunks.csv"
+VENV_BIN = Path(sys.executable).parent
+
+# Offline, no telemetry, and `accelerate` (which `axolotl train` execs) on PATH.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+if str(VENV_BIN) not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Fake secrets present in the environment of every real run: tests assert they never leak.
+FAKE_SECRETS = {
+    "HF_TOKEN": "hf_FAKEtokenDoNotLeak0123456789abcdef",
+    "WANDB_API_KEY": "wandbFAKEkeyDoNotLeak0123456789abcdef01",
+}
+
+
+def real_csv_or_skip() -> Path:
+    for candidate in (REPO / "data" / "raw" / "frankenstein_chunks.csv", SHARED_CSV):
+        if candidate.is_file():
+            return candidate
+    pytest.skip(f"the Frankenstein CSV is not on this machine ({SHARED_CSV}); real-data test skipped")
+
+
+def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 900, **kw):
+    """Run a command from the repo root, stdout+stderr to `log`; return the CompletedProcess."""
+    with open(log, "w") as handle:
+        return subprocess.run(
+            cmd, cwd=kw.pop("cwd", REPO), env=env or os.environ.copy(), stdout=handle,
+            stderr=subprocess.STDOUT, timeout=timeout, **kw,
+        )
+
+
+def write_recipe(source: Path, target: Path, **overrides) -> Path:
+    cfg = yaml.safe_load(source.read_text())
+    cfg.update(overrides)
+    target.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return target
+
+
+@pytest.fixture(scope="session")
+def prepared_data() -> Path:
+    """data/prepared/{clean,seed} made by the real data_prep from the real CSV (idempotent)."""
+    csv_path = real_csv_or_skip()
+    from data_prep.prepare import main
+
+    assert main(["--mode", "both", "--csv", str(csv_path)]) == 0
+    return REPO / "data" / "prepared"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(prepared_data) -> Path:
+    from models.tiny_mistral import build_tiny_mistral
+
+    return build_tiny_mistral(REPO / "models" / "tiny-mistral")
+
+
+@dataclass
+class TinyRun:
+    recipe: Path
+    output_dir: Path
+    preprocess_log: Path
+    train_log: Path
+    preprocess_rc: int
+    train_rc: int
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> TinyRun:
+    """One real `axolotl preprocess` + `axolotl train` of the tiny recipe, with fake secrets set."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    recipe = write_recipe(
+        REPO / "recipes" / "tiny-mistral-cpu.yml", root / "tiny.yml",
+        output_dir=str(root / "out"), dataset_prepared_path=str(root / "prepared"),
+    )
+    env = {**os.environ, **FAKE_SECRETS}
+    axolotl = str(VENV_BIN / "axolotl")
+    pre = run_logged([axolotl, "preprocess", str(recipe)], root / "preprocess.log", env=env)
+    train = run_logged([axolotl, "train", str(recipe)], root / "train.log", env=env)
+    return TinyRun(recipe, root / "out", root / "preprocess.log", root / "train.log",
+                   pre.returncode, train.returncode)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_run) -> TinyRun:
+    """The tiny run, asserted to have succeeded (so dependent tests fail with its log)."""
+    for rc, log in ((tiny_run.preprocess_rc, tiny_run.preprocess_log),
+                    (tiny_run.train_rc, tiny_run.train_log)):
+        assert rc == 0, f"{log} (exit {rc}):\n" + log.read_text()[-4000:]
+    return tiny_run
