@@ -166,8 +166,9 @@ def launch_prefix(gpus: int, launcher: str) -> list[str]:
     if gpus <= 1:
         return [sys.executable, "-m"]
     if launcher == "accelerate":
+        # as `axolotl train --launcher accelerate` does: no accelerate config, axolotl sets it up
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-                str(gpus), "--num_machines", "1", "--mixed_precision", "no", "-m"]
+                str(gpus), "-m"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", str(gpus), "-m"]
 
@@ -219,7 +220,7 @@ def summarize(records: list[dict], warmup: int) -> dict:
     for r in records:
         if r.get("event") == "step":
             by_step.setdefault(r["step"], []).append(r)
-    world = max((m.get("world_size", 1) for m in metas), default=1)
+    world = max((m.get("world_size", 1) for m in metas), default=None)
     steps = []
     for number in sorted(by_step):
         ranks = by_step[number]
@@ -239,7 +240,6 @@ def summarize(records: list[dict], warmup: int) -> dict:
     out = {
         "steps_recorded": len(steps),
         "steps_measured": len(measured),
-        "gpus": world,
         "device": meta.get("device"),
         "trainable_params": meta.get("trainable_params"),
         "gradient_checkpointing": meta.get("gradient_checkpointing"),
@@ -252,6 +252,8 @@ def summarize(records: list[dict], warmup: int) -> dict:
     evals = [r for r in records if r.get("event") == "eval_forward"]
     if evals:
         out["eval_forward_tokens_per_s"] = evals[0]["tokens_per_s"]
+    if world:
+        out["gpus"] = world
     if not measured:
         return out
     seconds = sum(s["step_s"] for s in measured)
@@ -277,18 +279,24 @@ def summarize(records: list[dict], warmup: int) -> dict:
     return out
 
 
-def status_of(summary: dict, returncode: int | None, timed_out: bool) -> str:
+def process_status(returncode: int | None, timed_out: bool) -> str | None:
     if timed_out:
-        status = "timeout"
-    elif returncode:
-        status = f"failed (rc {returncode})"
-    elif not summary.get("steps_measured"):
-        status = "no measured steps"
-    elif not summary.get("losses_finite"):
-        status = "loss not finite"
-    else:
-        status = "ok"
-    return status
+        return "timeout"
+    return f"failed (rc {returncode})" if returncode else None
+
+
+def status_of(summary: dict, returncode: int | None, timed_out: bool) -> str:
+    """Status of a training run from its exit and its figures."""
+    status = process_status(returncode, timed_out)
+    if status:
+        return status
+    if not summary.get("steps_measured"):
+        return "no measured steps"
+    if not summary.get("tokens_per_s"):
+        return "no tokens counted"  # something replaced trainer.training_step after us
+    if not summary.get("losses_finite"):
+        return "loss not finite"
+    return "ok"
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -421,9 +429,8 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
 
     if kind == "eval":
         summary = summarize_eval(run_dir)
-        status = status_of({"steps_measured": 1, "losses_finite": True} if summary else {},
-                           returncode, timed_out)
-        status = "no perplexity.json" if status == "no measured steps" else status
+        status = process_status(returncode, timed_out) or (
+            "ok" if summary.get("eval_adapter_tokens_per_s") else "no throughput in perplexity.json")
     else:
         records = read_records(steps_path)
         summary = summarize(records, args.warmup)
@@ -431,7 +438,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
         first_step = min((r["unix_time"] for r in records if r.get("event") == "step"),
                          default=None)
         summary["startup_s"] = first_step - started if first_step else None
-    return {**fields, "status": status, "wall_s": wall_s, **summary,
+    return {**fields, "gpus": gpus, "status": status, "wall_s": wall_s, **summary,
             "log": str(log_path), "returncode": returncode}
 
 
