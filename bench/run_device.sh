@@ -13,6 +13,7 @@
 #
 # Environment knobs (all optional):
 #   VARIANTS=notebook,recipe,...  (default: bench/variants.py DEFAULT_VARIANTS)
+#   LANES="a,b|c,d"  run variant lists in parallel, list i on GPU i (replaces VARIANTS)
 #   BUDGET_S=510     seconds from this script's start by which the last run must end
 #   GPUS=1           GPUs for the axolotl runs (torchrun, one process each)
 #   RECIPE=recipes/mistral-qlora.yml   WARMUP=3   STEPS=10
@@ -94,15 +95,40 @@ PY
 [[ ${PIPESTATUS[0]} == 0 ]] || fail "building the random Mistral-7B failed (see build.log)"
 echo "[run_device] setup done after $(( $(date +%s) - T0 )) s"
 
-# -- the runs -----------------------------------------------------------------------------
-variants_arg=()
-[[ -n ${VARIANTS:-} ]] && variants_arg=(--variants "$VARIANTS")
-"$PYTHON" -m bench.train_throughput --model "$MODEL_DIR" --recipe "$RECIPE" "${variants_arg[@]}" \
-  --gpus "$GPUS" --warmup "$WARMUP" --steps "$STEPS" --deadline-unix $(( T0 + BUDGET_S )) \
-  --results "$OUT/throughput.jsonl" --work-dir "$WORK_DIR" --log "$OUT/runs.log" "$@"
-rc=$?
-cat "$WORK_DIR"/*/steps.rank*.jsonl > "$OUT/steps.jsonl" 2>/dev/null
-for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json; do
+# -- the runs ----------------------------------------------------------------------------
+# LANES="a,b|c,d" runs each |-separated list of variants in parallel, lane i on GPU i (single-GPU
+# variants only): twice the configurations per call on a 2-GPU machine, each timed on its own GPU.
+run_variants() {  # $1 = variant list ('' = default), $2 = results, $3 = work dir, $4 = log
+  local variants_arg=()
+  [[ -n $1 ]] && variants_arg=(--variants "$1")
+  "$PYTHON" -m bench.train_throughput --model "$MODEL_DIR" --recipe "$RECIPE" "${variants_arg[@]}" \
+    --gpus "$GPUS" --warmup "$WARMUP" --steps "$STEPS" --deadline-unix $(( T0 + BUDGET_S )) \
+    --results "$2" --work-dir "$3" --log "$4" "${EXTRA_ARGS[@]}"
+}
+EXTRA_ARGS=("$@")
+if [[ -n ${LANES:-} ]]; then
+  IFS='|' read -r -a lanes <<< "$LANES"
+  pids=()
+  for i in "${!lanes[@]}"; do
+    mkdir -p "$WORK_DIR/lane$i"
+    CUDA_VISIBLE_DEVICES=$i run_variants "${lanes[$i]}" "$WORK_DIR/lane$i/throughput.jsonl" \
+      "$WORK_DIR/lane$i" "$WORK_DIR/lane$i.log" > "$WORK_DIR/lane$i.stdout" 2>&1 &
+    pids+=($!)
+  done
+  rc=0
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  for i in "${!lanes[@]}"; do
+    cat "$WORK_DIR/lane$i/throughput.jsonl" >> "$OUT/throughput.jsonl" 2>/dev/null
+    cat "$WORK_DIR"/lane$i/*/steps.rank*.jsonl >> "$OUT/steps.jsonl" 2>/dev/null
+    { echo "===== lane $i (GPU $i): ${lanes[$i]}"; cat "$WORK_DIR/lane$i.stdout"; } >> "$OUT/runs.log"
+  done
+  [[ -f $OUT/throughput.jsonl ]] && "$PYTHON" -m bench.train_throughput --table "$OUT/throughput.jsonl"
+else
+  run_variants "${VARIANTS:-}" "$OUT/throughput.jsonl" "$WORK_DIR" "$OUT/runs.log"
+  rc=$?
+  cat "$WORK_DIR"/*/steps.rank*.jsonl > "$OUT/steps.jsonl" 2>/dev/null
+fi
+for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json "$WORK_DIR"/lane*/eval_ppl*/eval/perplexity.json; do
   [[ -f $f ]] && cp "$f" "$OUT/eval-perplexity.json" && break
 done
 echo "[run_device] done in $(( $(date +%s) - T0 )) s (exit $rc); files: $(ls "$OUT" | tr '\n' ' ')"

@@ -16,6 +16,19 @@ clear line per problem instead of a traceback wall when:
 During training the plugin's callback stops the run with a clear message and a non-zero exit as
 soon as the logged loss or gradient norm is NaN/inf (Axolotl's loss watchdog only compares
 `loss > threshold`, which is False for NaN, and exits 0 having saved the broken adapter).
+
+Two reliability fixes Axolotl 0.19 lacks:
+- `seed` also seeds the LoRA initialisation. Axolotl only seeds inside the HF Trainer, which is
+  built after the adapter, so the LoRA A matrices (and with them every loss after the first
+  update) differed from run to run.
+- On auto-resume, a newest checkpoint without trainer_state.json (the run was killed while
+  saving it; the Trainer writes that file last) is skipped for the newest complete one, instead
+  of crashing every re-run with FileNotFoundError.
+- A resumed packed run sees the same passages in the same order as an uninterrupted one. Axolotl
+  shuffles packed data with an unseeded RandomSampler, whose order depends on how many random
+  numbers were drawn before the epoch began, which differs after a resume: skipping the first N
+  batches then skipped some unseen passages and repeated some seen ones. The order is now a
+  function of (seed, epoch) only.
 """
 
 from __future__ import annotations
@@ -314,6 +327,69 @@ class FiniteLossCallback(TrainerCallback):
         return control
 
 
+# ----------------------------------------------------------------------------------------------
+# Exact resume
+
+
+class EpochSeededSampler:
+    """A shuffled order of `size` items that depends only on (seed, epoch).
+
+    Used as the base sampler of Axolotl's MultipackBatchSampler (`owner`), so the packed batches
+    of an epoch are the same whenever they are generated: at the start of a fresh run, or after
+    a resume, when the Trainer skips the batches the checkpoint already trained on.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.owner = size, seed, 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        # accelerate reaches this sampler through its SkipBatchSampler on resume, but not the
+        # owner, whose cached batches would be another epoch's
+        self.epoch = epoch
+        if self.owner is not None and getattr(self.owner, "epoch", epoch) != epoch:
+            self.owner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.size, generator=generator).tolist()
+
+
+def seed_packed_order(trainer, seed: int) -> None:
+    """Make the trainer's multipack sampler shuffle with EpochSeededSampler."""
+    from torch.utils.data import RandomSampler
+
+    create = getattr(trainer, "_create_multipack_sampler", None)
+    if create is None:  # pragma: no cover - another Axolotl version or trainer type
+        return
+
+    def create_seeded(base_sampler, dataset):
+        if not (isinstance(base_sampler, RandomSampler) and base_sampler.generator is None):
+            return create(base_sampler=base_sampler, dataset=dataset)
+        order = EpochSeededSampler(len(dataset), seed)
+        multipack = create(base_sampler=order, dataset=dataset)
+        order.owner = multipack
+        return multipack
+
+    trainer._create_multipack_sampler = create_seeded
+
+
+def newest_complete_checkpoint(output_dir) -> tuple[Path | None, list[Path]]:
+    """(newest checkpoint-N holding trainer_state.json, newer ones that lack it)."""
+    checkpoints = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    incomplete = []
+    while checkpoints and not (checkpoints[-1] / "trainer_state.json").is_file():
+        incomplete.insert(0, checkpoints.pop())
+    return (checkpoints[-1] if checkpoints else None), incomplete
+
+
 class RecipeGuardPlugin(BasePlugin):
     """Axolotl plugin: pre-flight checks at config load, finite-loss guard during training."""
 
@@ -321,6 +397,34 @@ class RecipeGuardPlugin(BasePlugin):
         problems = check_recipe(dict(cfg), runtime=not _running_preprocess())
         if problems:
             raise RecipeError("\n".join(f"error: {p}" for p in problems))
+
+    def pre_lora_load(self, cfg, model):
+        if cfg.get("seed") is not None:
+            from transformers import set_seed
+
+            set_seed(cfg["seed"])
+
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.get("sample_packing"):
+            seed = cfg.get("seed")
+            seed_packed_order(trainer, trainer.args.seed if seed is None else seed)
+        # Axolotl's auto-resume (which runs after this hook) takes the highest checkpoint-N
+        # unless resume_from_checkpoint is set.
+        if not cfg.get("auto_resume_from_checkpoints") or cfg.get("resume_from_checkpoint"):
+            return
+        complete, incomplete = newest_complete_checkpoint(cfg["output_dir"])
+        if incomplete:
+            names = ", ".join(p.name for p in incomplete)
+            print(
+                f"warning: {names} in {cfg['output_dir']} has no trainer_state.json (the run "
+                f"was killed while saving it); resuming from "
+                f"{complete.name if complete else 'the start'} instead",
+                file=sys.stderr,
+            )
+            if complete is not None:
+                cfg["resume_from_checkpoint"] = str(complete)
+            else:
+                cfg["auto_resume_from_checkpoints"] = False
 
     def add_callbacks_pre_trainer(self, cfg, model):
         return [FiniteLossCallback()]
