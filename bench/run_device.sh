@@ -128,6 +128,8 @@ else
   rc=$?
   cat "$WORK_DIR"/*/steps.rank*.jsonl > "$OUT/steps.jsonl" 2>/dev/null
 fi
+find "$WORK_DIR" -name steps.rank0.profile.txt -exec cat {} + > "$OUT/profiles.txt" 2>/dev/null
+[[ -s $OUT/profiles.txt ]] || rm -f "$OUT/profiles.txt"
 for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json "$WORK_DIR"/lane*/eval_ppl*/eval/perplexity.json; do
   [[ -f $f ]] && cp "$f" "$OUT/eval-perplexity.json" && break
 done

@@ -97,6 +97,10 @@ class StepRecorder(TrainerCallback):
         self._reset_accumulators()
         self._step_begin = None
         self._last_end = None
+        # BENCH_PROFILE_STEP=N: run torch.profiler over optimizer step N and write the top ops
+        # (GPU self time, then CPU total) next to the step records.
+        self.profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0") or 0)
+        self._profiler = None
 
     # -- plumbing -------------------------------------------------------------------------
     def attach(self, trainer) -> StepRecorder:
@@ -161,7 +165,26 @@ class StepRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
+        if self.profile_step and state.global_step + 1 == self.profile_step and self.rank == 0:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
         self._step_begin = time.perf_counter()
+
+    def _write_profile(self):
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        averages = profiler.key_averages()
+        gpu_key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        gpu_total_us = sum(getattr(e, gpu_key.removesuffix("_total"), 0) or 0 for e in averages)
+        tables = [f"# {self.label}: optimizer step {self.profile_step}; summed GPU self time "
+                  f"{gpu_total_us / 1e3:.1f} ms",
+                  averages.table(sort_by=gpu_key, row_limit=30),
+                  averages.table(sort_by="cpu_time_total", row_limit=20)]
+        with self.out_path.with_suffix(".profile.txt").open("w") as handle:
+            handle.write("\n\n".join(tables) + "\n")
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
@@ -183,6 +206,9 @@ class StepRecorder(TrainerCallback):
         }
         record.update(self._memory())
         self.write(record)
+        if self._profiler is not None:
+            self._write_profile()
+            now = time.perf_counter()  # profiler teardown stays out of the next step's time
         self._last_end = now
         self._reset_accumulators()
 

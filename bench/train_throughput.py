@@ -125,9 +125,6 @@ def axolotl_config(recipe: dict, overrides: dict, *, model_dir: Path, run_dir: P
         "output_dir": str(run_dir / "out"),
         "dataset_prepared_path": str(prepared_dir),
         "max_steps": max_steps,
-        # tokens/s and memory are per micro-batch; accumulation only spreads the (small) LoRA
-        # optimizer step over more tokens, so 1 is conservative and keeps runs short
-        "gradient_accumulation_steps": 1,
         "logging_steps": 1,
         "save_strategy": "no",
         "eval_strategy": "no",

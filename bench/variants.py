@@ -59,6 +59,12 @@ VARIANTS: dict[str, dict] = {
     "ckpt_mbs2": {"kind": "axolotl",
                   "overrides": {"gradient_checkpointing": True, "micro_batch_size": 2},
                   "about": "the recipe with grad ckpt at 2 x 4096: least memory per token"},
+    "ga1": {"kind": "axolotl", "overrides": {"gradient_accumulation_steps": 1},
+            "about": "an optimizer step after every micro-batch"},
+    "ga4": {"kind": "axolotl", "overrides": {"gradient_accumulation_steps": 4},
+            "about": "4 micro-batches per optimizer step"},
+    "fused_adamw": {"kind": "axolotl", "overrides": {"optimizer": "adamw_torch_fused"},
+                    "about": "torch's fused AdamW (fp32 state) instead of paged 8-bit AdamW"},
     # -- batch shape ----------------------------------------------------------------------
     "mbs1": {"kind": "axolotl", "overrides": {"micro_batch_size": 1},
              "about": "micro-batch 1"},
