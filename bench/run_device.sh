@@ -21,6 +21,7 @@
 #   MODEL_DIR=/tmp/mistral-7b-random   (kept if already built on this machine)
 #   WORK_DIR=/tmp/bench-runs   PYTHON=python3
 #   INSTALL_WHEELS=0 / BUILD_ARGS="--tiny --device cpu"   (CPU smoke test of this script)
+#   SETUP_ONLY=1     stop after installing the wheels and building the model
 # Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
 #
 # Files left in $OUT (at most 8 come back): env.txt, build.log, throughput.jsonl (one summary
@@ -94,6 +95,7 @@ PY
   ${BUILD_ARGS:-} 2>&1 | tee "$OUT/build.log"
 [[ ${PIPESTATUS[0]} == 0 ]] || fail "building the random Mistral-7B failed (see build.log)"
 echo "[run_device] setup done after $(( $(date +%s) - T0 )) s"
+[[ ${SETUP_ONLY:-0} == 1 ]] && exit 0
 
 # -- the runs ----------------------------------------------------------------------------
 # LANES="a,b|c,d" runs each |-separated list of variants in parallel, lane i on GPU i (single-GPU

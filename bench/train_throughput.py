@@ -159,8 +159,8 @@ def subprocess_env(label: str, steps_path: Path, threads: int | None) -> dict:
     return env
 
 
-def launch_prefix(gpus: int, launcher: str) -> list[str]:
-    if gpus <= 1:
+def launch_prefix(gpus: int, launcher: str, sharded: bool = False) -> list[str]:
+    if gpus <= 1 and not sharded:  # FSDP/DeepSpeed need a launcher even for one process
         return [sys.executable, "-m"]
     if launcher == "accelerate":
         # as `axolotl train --launcher accelerate` does: no accelerate config, axolotl sets it up
@@ -388,7 +388,9 @@ def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tup
                          max_steps=max_steps, cpu=args.cpu, sets=sets)
     config_path = run_dir / "config.yml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    argv = [*launch_prefix(args.gpus, args.launcher), "axolotl.cli.train", str(config_path)]
+    sharded = bool(cfg.get("fsdp_config") or cfg.get("deepspeed"))
+    argv = [*launch_prefix(args.gpus, args.launcher, sharded), "axolotl.cli.train",
+            str(config_path)]
     return argv, {"recipe": str(args.recipe), "overrides": variant["overrides"], "sets": sets}
 
 

@@ -17,18 +17,22 @@ During training the plugin's callback stops the run with a clear message and a n
 soon as the logged loss or gradient norm is NaN/inf (Axolotl's loss watchdog only compares
 `loss > threshold`, which is False for NaN, and exits 0 having saved the broken adapter).
 
-Two reliability fixes Axolotl 0.19 lacks:
+Reliability fixes Axolotl 0.19 lacks:
 - `seed` also seeds the LoRA initialisation. Axolotl only seeds inside the HF Trainer, which is
   built after the adapter, so the LoRA A matrices (and with them every loss after the first
   update) differed from run to run.
 - On auto-resume, a newest checkpoint without trainer_state.json (the run was killed while
-  saving it; the Trainer writes that file last) is skipped for the newest complete one, instead
-  of crashing every re-run with FileNotFoundError.
+  saving it, or a save ran out of disk; the Trainer writes that file last) is skipped for the
+  newest complete one, instead of every re-run crashing ("Can't find a valid checkpoint" or
+  FileNotFoundError for trainer_state.json) until the user deletes the folder.
 - A resumed packed run sees the same passages in the same order as an uninterrupted one. Axolotl
-  shuffles packed data with an unseeded RandomSampler, whose order depends on how many random
-  numbers were drawn before the epoch began, which differs after a resume: skipping the first N
-  batches then skipped some unseen passages and repeated some seen ones. The order is now a
-  function of (seed, epoch) only.
+  packs an epoch's batches from an unseeded RandomSampler when the dataloader is built; a fresh
+  run re-packs them at the epoch start from accelerate's seeded sampler, but after a resume the
+  batches packed at setup were used (accelerate's batch-skipping wrapper does not pass set_epoch
+  on), so skipping the N trained batches skipped unseen passages and repeated seen ones. The
+  order is now a function of (seed, epoch) whenever it is packed (the same order a fresh run
+  got before).
+- A checkpoint save that fails (disk full) stops with one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -319,8 +323,8 @@ class FiniteLossCallback(TrainerCallback):
         for key in self.WATCHED:
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
-                raise RecipeError(
-                    f"error: {key} became {value} at step {state.global_step}; training stopped "
+                raise RecipeError(  # newline: tqdm leaves the cursor after its progress bar
+                    f"\nerror: {key} became {value} at step {state.global_step}; training stopped "
                     "before saving. Lower learning_rate (or check the data) and re-run; the last "
                     f"good checkpoint, if any, is in {args.output_dir}"
                 )
@@ -378,14 +382,47 @@ def seed_packed_order(trainer, seed: int) -> None:
     trainer._create_multipack_sampler = create_seeded
 
 
+def one_line_save_errors(trainer) -> None:
+    """A checkpoint save that fails (disk full, file-size limit) stops with one line instead of
+    a traceback through transformers/peft/safetensors; the partial checkpoint it leaves has no
+    trainer_state.json, so the next run resumes from the one before (see post_trainer_create)."""
+    save = trainer._save_checkpoint
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError  # noqa: N806
+
+    def guarded_save(*args, **kwargs):
+        try:
+            return save(*args, **kwargs)
+        # torch.save reports a short write as RuntimeError ("unexpected pos ...")
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+            raise RecipeError(
+                f"\nerror: saving checkpoint-{trainer.state.global_step} in "
+                f"{trainer.args.output_dir} failed ({reason}); if the disk is full, free space "
+                "and re-run the same command: it resumes from the newest complete checkpoint"
+            ) from None
+
+    trainer._save_checkpoint = guarded_save
+
+
+def _checkpoint_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is complete when it parses."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def newest_complete_checkpoint(output_dir) -> tuple[Path | None, list[Path]]:
-    """(newest checkpoint-N holding trainer_state.json, newer ones that lack it)."""
+    """(newest complete checkpoint-N, newer incomplete ones) in an Axolotl output_dir."""
     checkpoints = sorted(
         (p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
     incomplete = []
-    while checkpoints and not (checkpoints[-1] / "trainer_state.json").is_file():
+    while checkpoints and not _checkpoint_complete(checkpoints[-1]):
         incomplete.insert(0, checkpoints.pop())
     return (checkpoints[-1] if checkpoints else None), incomplete
 
@@ -405,6 +442,7 @@ class RecipeGuardPlugin(BasePlugin):
             set_seed(cfg["seed"])
 
     def post_trainer_create(self, cfg, trainer):
+        one_line_save_errors(trainer)
         if cfg.get("sample_packing"):
             seed = cfg.get("seed")
             seed_packed_order(trainer, trainer.args.seed if seed is None else seed)
@@ -416,8 +454,8 @@ class RecipeGuardPlugin(BasePlugin):
         if incomplete:
             names = ", ".join(p.name for p in incomplete)
             print(
-                f"warning: {names} in {cfg['output_dir']} has no trainer_state.json (the run "
-                f"was killed while saving it); resuming from "
+                f"warning: {names} in {cfg['output_dir']} has no complete trainer_state.json "
+                f"(the run was killed, or the disk filled, while saving it); resuming from "
                 f"{complete.name if complete else 'the start'} instead",
                 file=sys.stderr,
             )
