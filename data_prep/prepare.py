@@ -434,7 +434,13 @@ def prepare(mode: str, csv_path: Path, input_sha: str, rows: list[str], args) ->
     total_tokens = stats["train"]["tokens"] + stats["eval"]["tokens"]
     stats["eval_token_share"] = round(stats["eval"]["tokens"] / total_tokens, 4)
     files["stats.json"] = (json.dumps(stats, indent=2, ensure_ascii=False) + "\n").encode()
-    write_outputs(out_dir, files)
+    try:
+        write_outputs(out_dir, files)
+    except OSError as exc:  # disk full, file-size limit, no permission, a file in the way
+        raise DataPrepError(
+            f"{out_dir}: cannot write the outputs ({exc.strerror or exc}); free disk space or fix "
+            "the permissions (or pass another --out) and re-run; earlier outputs are unchanged"
+        ) from exc
     print_summary(stats, out_dir)
     return stats
 

@@ -216,24 +216,34 @@ def write_files_atomic(out_dir: Path, files: dict[str, str | bytes]) -> list[Pat
     """Write every file to a temp name in out_dir first, then rename them all into place, so an
     error part-way leaves the previous outputs untouched."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     staged = []
     umask = os.umask(0)
     os.umask(umask)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+            staged.append((tmp, out_dir / name))  # before writing: a failed write is removed too
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files 0600
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content.encode("utf-8") if isinstance(content, str) else content)
-            staged.append((tmp, out_dir / name))
         for tmp, final in staged:
             os.replace(tmp, final)
+    except OSError as err:
+        raise write_error(out_dir, err) from None
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     return [final for _, final in staged]
+
+
+def write_error(out_dir: Path, err: OSError) -> EvalError:
+    """A failed write (disk full, file-size limit, no permission, a file where a directory
+    should be) as one line."""
+    return EvalError(f"cannot write the outputs in {out_dir} ({err.strerror or err}): free disk "
+                     "space or fix the permissions there (or pass another --out) and re-run; "
+                     "earlier outputs there are left as they were")
 
 
 def utc_timestamp() -> str:

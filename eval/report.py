@@ -35,6 +35,7 @@ from eval.common import (
     run_main,
     setup_logging,
     utc_timestamp,
+    write_error,
 )
 
 LOG = logging.getLogger("eval.report")
@@ -319,29 +320,32 @@ def run(args) -> Path:
             f"{EVAL_SUBDIR}/{PERPLEXITY_JSON} or {EVAL_SUBDIR}/{GENERATIONS_JSON}; run axolotl "
             "train, python -m eval.perplexity and python -m eval.generate first")
 
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes RUN_DIR/report
     try:
-        charts = []
-        if curves and (curves["train"] or curves["eval"]):
-            plot_losses(curves, staging / "loss.png")
-            charts.append("loss.png")
-        if ppl and ppl["datasets"]:
-            plot_perplexity(ppl, staging / "perplexity.png")
-            charts.append("perplexity.png")
-        markdown = render_report(run_dir, sources, curves, ppl, gens, charts)
-        (staging / REPORT_MD).write_text(markdown, encoding="utf-8")
-        # Swap the chart folder, then the report; the old folder is removed last.
-        final_charts, old = run_dir / CHART_DIR, None
-        if final_charts.exists():
-            old = Path(tempfile.mkdtemp(prefix=".report-old-", dir=run_dir))
-            os.replace(final_charts, old / CHART_DIR)
-        os.replace(staging / REPORT_MD, run_dir / REPORT_MD)
-        os.replace(staging, final_charts)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes RUN_DIR/report
+        try:
+            charts = []
+            if curves and (curves["train"] or curves["eval"]):
+                plot_losses(curves, staging / "loss.png")
+                charts.append("loss.png")
+            if ppl and ppl["datasets"]:
+                plot_perplexity(ppl, staging / "perplexity.png")
+                charts.append("perplexity.png")
+            markdown = render_report(run_dir, sources, curves, ppl, gens, charts)
+            (staging / REPORT_MD).write_text(markdown, encoding="utf-8")
+            # Swap the chart folder, then the report; the old folder is removed last.
+            final_charts, old = run_dir / CHART_DIR, None
+            if final_charts.exists():
+                old = Path(tempfile.mkdtemp(prefix=".report-old-", dir=run_dir))
+                os.replace(final_charts, old / CHART_DIR)
+            os.replace(staging / REPORT_MD, run_dir / REPORT_MD)
+            os.replace(staging, final_charts)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as err:
+        raise write_error(run_dir, err) from None
     print(f"wrote {run_dir / REPORT_MD} and {len(charts)} chart(s) in {final_charts}: "
           + ", ".join(charts))
     return run_dir / REPORT_MD

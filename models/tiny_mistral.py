@@ -17,10 +17,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from data_prep.tokenizer import MISTRAL_BOS_ID, MISTRAL_EOS_ID, MISTRAL_VOCAB_SIZE, load_mistral_tokenizer
+from data_prep.tokenizer import (
+    MISTRAL_BOS_ID,
+    MISTRAL_EOS_ID,
+    MISTRAL_VOCAB_SIZE,
+    load_mistral_tokenizer,
+)
 
 LOG = logging.getLogger("models.tiny_mistral")
 
@@ -93,7 +99,16 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_tiny_mistral(args.out, seed=args.seed, force=args.force)
+    from safetensors import SafetensorError
+
+    try:
+        build_tiny_mistral(args.out, seed=args.seed, force=args.force)
+    except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        print(f"models.tiny_mistral: error: cannot write {args.out} ({reason}); free disk space "
+              "or fix the permissions and re-run; an earlier build there is unchanged",
+              file=sys.stderr)
+        return 2
     return 0
 
 
