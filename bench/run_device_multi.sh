@@ -35,8 +35,8 @@ python3 -m bench.check_adapter /tmp/runs-fsdp2/recipe/out --model "$MODEL_DIR" \
 
 for part in single fsdp1 fsdp2; do
   cp /tmp/$part.stdout /tmp/out-$part/stdout.txt 2>/dev/null
-  tar czf "$OUT/$part.tgz" -C /tmp "out-$part" "runs-$part" --exclude='*.safetensors' \
-    --exclude='prepared' --exclude='tokenizer*' 2>/dev/null
+  # results, step records and logs only: run dirs also hold adapters, datasets and tokenizers
+  tar czf "$OUT/$part.tgz" -C /tmp "out-$part" 2>/dev/null
   { echo "===== $part"; tail -n 15 /tmp/$part.stdout; } >> "$OUT/summary.txt"
 done
 cat "$OUT/summary.txt"
