@@ -393,7 +393,7 @@ def test_cpu_benchmark_end_to_end(workspace, tmp_path, capsys):
         "--results", str(results), "--work-dir", str(work), "--cpu", "--threads", "2",
         "--notebook-train", str(root / "nb_train.jsonl"),
         "--notebook-eval", str(root / "eval.jsonl"), "--eval-data", str(root / "eval.jsonl"),
-        "--set", "sequence_len=1024"])
+        "--set", "sequence_len=1024", "--set", "gradient_accumulation_steps=1"])
     out = capsys.readouterr().out
     lines = {r["variant"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert rc == 0, out
