@@ -73,6 +73,8 @@ def effective_recipe(recipe: Path, output_dir: Path | None, max_steps: int | Non
         for key in ("save_steps", "eval_steps"):  # keep cadences inside the shorter run
             if isinstance(cfg.get(key), int):
                 cfg[key] = min(cfg[key], max_steps)
+        if isinstance(cfg.get("warmup_steps"), int):  # a short run should not be all warm-up
+            cfg["warmup_steps"] = min(cfg["warmup_steps"], max(1, max_steps // 4))
     target = Path(cfg["output_dir"]) / "demo-recipe.yml"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(f"# {recipe} with `python -m demo` overrides\n"

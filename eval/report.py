@@ -177,7 +177,9 @@ def summary_lines(curves: dict | None, ppl: dict | None, gens: dict | None) -> l
             if two:
                 change = d["relative_change_pct"]
                 lines.append(
-                    f"- {d['name']} ({d['kind']}): sliding-window perplexity "
+                    f"- {d['name']} ({d['kind']}): corpus perplexity "
+                    f"{fmt(m['base']['corpus_ppl'])} -> {fmt(m['adapter']['corpus_ppl'])} "
+                    f"({_signed(change['corpus_ppl'])}), sliding-window perplexity "
                     f"{fmt(m['base']['sliding_ppl'])} -> {fmt(m['adapter']['sliding_ppl'])} "
                     f"({_signed(change['sliding_ppl'])}), bits per byte "
                     f"{fmt(m['base']['corpus_bits_per_byte'], 4)} -> "
@@ -185,7 +187,8 @@ def summary_lines(curves: dict | None, ppl: dict | None, gens: dict | None) -> l
                     f"({_signed(change['corpus_bits_per_byte'])}).")
             else:
                 label = ppl["models"][0]
-                lines.append(f"- {d['name']} ({d['kind']}), {label}: sliding-window perplexity "
+                lines.append(f"- {d['name']} ({d['kind']}), {label}: corpus perplexity "
+                             f"{fmt(m[label]['corpus_ppl'])}, sliding-window perplexity "
                              f"{fmt(m[label]['sliding_ppl'])}, bits per byte "
                              f"{fmt(m[label]['corpus_bits_per_byte'], 4)}.")
         lines += specificity_lines(ppl)

