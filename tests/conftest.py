@@ -7,9 +7,11 @@ tests all read the same run instead of training again.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +39,65 @@ FAKE_SECRETS = {
 }
 
 
-def real_csv_or_skip() -> Path:
+def find_real_csv() -> Path | None:
     for candidate in (REPO / "data" / "raw" / "frankenstein_chunks.csv", SHARED_CSV):
         if candidate.is_file():
             return candidate
-    pytest.skip(f"the Frankenstein CSV is not on this machine ({SHARED_CSV}); real-data test skipped")
+    return None
+
+
+def real_csv_or_skip() -> Path:
+    path = find_real_csv()
+    if path is None:
+        pytest.skip(f"the Frankenstein CSV is not on this machine ({SHARED_CSV}); "
+                    "real-data test skipped")
+    return path
+
+
+def write_synthetic_book(path: Path, seed: int = 0) -> Path:
+    """A stand-in for the Frankenstein CSV where the real one is absent (and cannot be
+    downloaded): the same Project Gutenberg layout (markers, contents, 4 letters + 24 chapters,
+    ~900-character rows) with prose from a seeded bigram walk over eval/control_passage.txt, so
+    the pipeline tests still train and evaluate for real."""
+    import csv
+    import random
+    import re
+
+    words = re.findall(r"[A-Za-z']+|[.,;]", (REPO / "eval" / "control_passage.txt").read_text())
+    following: dict[str, list[str]] = {}
+    for a, b in zip(words, words[1:], strict=False):
+        following.setdefault(a, []).append(b)
+    rng = random.Random(seed)
+
+    def paragraph(n_words: int) -> str:
+        word, out = rng.choice(words), []
+        while len(out) < n_words:
+            out.append(word)
+            word = rng.choice(following.get(word) or words)
+        return re.sub(r" ([.,;])", r"\1", " ".join(out)).capitalize() + "."
+
+    titles = [f"Letter {i}" for i in range(1, 5)] + [f"Chapter {i}" for i in range(1, 25)]
+    body = "".join(f"{t}\n\n" + "".join(paragraph(rng.randint(60, 160)) + "\n\n"
+                                          for _ in range(22)) for t in titles)
+    text = ("The Project Gutenberg eBook of a synthetic test book\n\n"
+            "*** START OF THE PROJECT GUTENBERG EBOOK SYNTHETIC ***\n\nA Test\n\n CONTENTS\n\n"
+            + "".join(f" {t}\n" for t in titles) + "\n\n" + body
+            + "*** END OF THE PROJECT GUTENBERG EBOOK SYNTHETIC ***\n\nSection 5. Licence.\n")
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([text[i : i + 900]] for i in range(0, len(text), 900))
+    return path
+
+
+@functools.cache
+def book_csv_args() -> tuple[str, ...]:
+    """data_prep arguments naming the real CSV, or a synthetic book where it is absent."""
+    real = find_real_csv()
+    if real is not None:
+        return ("--csv", str(real))
+    synthetic = Path(tempfile.mkdtemp(prefix="synthetic-book-")) / "frankenstein_chunks.csv"
+    return ("--csv", str(write_synthetic_book(synthetic)), "--skip-checksum")
 
 
 def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 900, **kw):
@@ -62,11 +118,11 @@ def write_recipe(source: Path, target: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_data() -> Path:
-    """data/prepared/{clean,seed} made by the real data_prep from the real CSV (idempotent)."""
-    csv_path = real_csv_or_skip()
+    """data/prepared/{clean,seed} made by the real data_prep from the real CSV (idempotent), or
+    from a synthetic book where the CSV is not on the machine."""
     from data_prep.prepare import main
 
-    assert main(["--mode", "both", "--csv", str(csv_path)]) == 0
+    assert main(["--mode", "both", *book_csv_args()]) == 0
     return REPO / "data" / "prepared"
 
 

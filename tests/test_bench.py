@@ -266,7 +266,8 @@ def test_axolotl_config_overrides(workspace, tmp_path):
     assert cpu["lora_qkv_kernel"] is False
 
 
-def test_every_axolotl_variant_passes_axolotl_validation(workspace, tmp_path, monkeypatch):
+def test_every_axolotl_variant_passes_axolotl_validation(workspace, tmp_path, monkeypatch,
+                                                        prepared_data):
     """Each variant's generated config, on the QLoRA example and on the project's GPU recipe
     when it exists, has only known axolotl keys and values axolotl's schema accepts."""
     from recipes.guard import check_recipe

@@ -87,7 +87,7 @@ def test_recipe_header_and_groups(recipe):
     assert "recipes.guard.RecipeGuardPlugin" in load(recipe)["plugins"]
 
 
-def test_misspelt_key_fails_with_a_suggestion():
+def test_misspelt_key_fails_with_a_suggestion(prepared_data):
     cfg = load(REPO / "recipes" / "mistral-qlora.yml")
     cfg["lora_rnak"] = cfg.pop("lora_r")
     problems = check_recipe(cfg)
@@ -98,7 +98,7 @@ def test_misspelt_key_fails_with_a_suggestion():
         "recipe: unknown key `datasets[0].ds_tpye` (did you mean `ds_type`?)"]
 
 
-def test_ill_typed_value_fails_with_one_line_naming_the_field():
+def test_ill_typed_value_fails_with_one_line_naming_the_field(prepared_data):
     cfg = load(REPO / "recipes" / "mistral-qlora.yml")
     cfg["micro_batch_size"] = "two"
     problems = check_recipe(cfg)
@@ -106,14 +106,14 @@ def test_ill_typed_value_fails_with_one_line_naming_the_field():
     assert problems[0].startswith("recipe: `micro_batch_size`: Input should be a valid integer")
 
 
-def test_missing_base_model_fails_clearly():
+def test_missing_base_model_fails_clearly(prepared_data):
     cfg = load(REPO / "recipes" / "mistral-qlora.yml")
     del cfg["base_model"]
     assert check_recipe(cfg) == [
         "recipe: missing `base_model`; set a hub id or a local model directory"]
 
 
-def test_gpu_recipe_on_cpu_is_refused_at_runtime():
+def test_gpu_recipe_on_cpu_is_refused_at_runtime(prepared_data):
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
     problems = check_recipe(REPO / "recipes" / "mistral-qlora.yml", runtime=True)

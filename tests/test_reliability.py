@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_SECRETS, REPO, VENV_BIN, real_csv_or_skip, run_logged, write_recipe
+from conftest import FAKE_SECRETS, REPO, VENV_BIN, book_csv_args, run_logged, write_recipe
 
 from recipes.guard import main as guard_main
 from recipes.guard import newest_complete_checkpoint
@@ -270,8 +270,8 @@ class SecondRun:
 def second_run(tiny_trained, tmp_path_factory) -> SecondRun:
     root = tmp_path_factory.mktemp("second-run")
     prepared = root / "prepared"
-    prep = run_logged([sys.executable, "-m", "data_prep", "--mode", "clean", "--csv",
-                       str(real_csv_or_skip()), "--out", str(prepared)], root / "prep.log",
+    prep = run_logged([sys.executable, "-m", "data_prep", "--mode", "clean", *book_csv_args(),
+                       "--out", str(prepared)], root / "prep.log",
                       env=secret_env())
     data = prepared / "clean"
     recipe = write_recipe(
@@ -350,8 +350,8 @@ def test_data_prep_write_failure_is_one_line_and_keeps_earlier_outputs(what, tmp
     out = tmp_path / "prepared"
     shutil.copytree(prepared_data / "clean", out / "clean")
     before = tree_digest(out)
-    cmd = [sys.executable, "-m", "data_prep", "--mode", "clean", "--csv",
-           str(real_csv_or_skip()), "--seed", "7"]  # another seed: the outputs must change
+    # another seed: the outputs must change
+    cmd = [sys.executable, "-m", "data_prep", "--mode", "clean", *book_csv_args(), "--seed", "7"]
     if what == "disk full":  # train.jsonl is about 370 kB
         proc = run_limited([*cmd, "--out", str(out)], limit_bytes=100_000)
         reason = "File too large"
