@@ -163,7 +163,7 @@ def print_summary(summary: dict) -> None:
 
 def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
              max_steps: int | None = None, max_eval_rows: int | None = None,
-             max_new_tokens: int = 100) -> dict:
+             max_new_tokens: int = 100, prep_args: tuple[str, ...] = ()) -> dict:
     os.chdir(REPO)  # recipes use paths relative to the repository root
     cfg = yaml.safe_load(Path(recipe).read_text())
     run_dir = Path(output_dir or cfg["output_dir"])
@@ -171,7 +171,7 @@ def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
     banner(1, "data prep: data/prepared/clean/")
     from data_prep.prepare import main as prep_main
 
-    if prep_main(["--mode", "clean"]) != 0:
+    if prep_main(["--mode", "clean", *prep_args]) != 0:
         raise DemoError("data prep failed; see the error above")
 
     banner(2, f"model cache: {cfg['base_model']}")
@@ -205,10 +205,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
     parser.add_argument("--max-eval-rows", type=int, help="score only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--csv", type=Path, help="passed to data_prep (default: find or fetch)")
+    parser.add_argument("--skip-checksum", action="store_true", help="passed to data_prep")
     args = parser.parse_args(argv)
+    prep_args = (("--csv", str(args.csv)) if args.csv else ()) + (
+        ("--skip-checksum",) if args.skip_checksum else ())
     try:
         run_demo(args.recipe, args.output_dir, args.max_steps, args.max_eval_rows,
-                 args.max_new_tokens)
+                 args.max_new_tokens, prep_args)
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1

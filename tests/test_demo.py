@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, book_csv_args
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_shortened_demo_trains_improves_and_reports(prepared_data, tmp_path):
     with open(log, "w") as handle:
         proc = subprocess.run(
             [sys.executable, "-m", "demo", "--output-dir", str(out), "--max-steps", "6",
-             "--max-eval-rows", "6", "--max-new-tokens", "16"],
+             "--max-eval-rows", "6", "--max-new-tokens", "16", *book_csv_args()],
             cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
