@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -74,12 +73,15 @@ def run_main(run, args) -> int:
 # --------------------------------------------------------------------------- inputs
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load_json_object(path: Path, what: str, fix: str) -> dict:
+    """A JSON file that must hold an object; otherwise one EvalError line naming it and the fix."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalError(f"{what} {path} is not valid JSON ({first_line(err)}): {fix}") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{what} {path} is not a JSON object: {fix}")
+    return data
 
 
 def read_texts(path: Path, what: str = "data file") -> list[str]:
@@ -166,12 +168,7 @@ def read_adapter_config(adapter: Path) -> dict:
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise EvalError(f"{config_file} not found: {fix}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{config_file} is not valid JSON ({first_line(err)}): {fix}") from None
-    if not isinstance(config, dict):
-        raise EvalError(f"{config_file} is not a JSON object: {fix}")
+    config = load_json_object(config_file, "adapter config", fix)
     if not any((adapter / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise EvalError(f"{adapter} has no adapter_model.safetensors: {fix}")
     return config

@@ -37,6 +37,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+from data_prep.prepare import sha256_of
 from eval.common import (
     DEFAULT_TRAIN_DATA,
     GENERATIONS_JSON,
@@ -55,7 +56,6 @@ from eval.common import (
     resolve_model_arg,
     run_main,
     setup_logging,
-    sha256_file,
     utc_timestamp,
     write_files_atomic,
 )
@@ -312,7 +312,7 @@ def run(args) -> dict:
         "memorisation": {
             "ngram": NGRAM,
             "train": str(args.train) if index else None,
-            "train_sha256": sha256_file(args.train) if index else None,
+            "train_sha256": sha256_of(args.train) if index else None,
             "train_words": index.n_words if index else None,
             "normalisation": "NFKC, lower case, curly quotes straightened, words = runs of "
                              "letters/digits with inner apostrophes; generated text only",

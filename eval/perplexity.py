@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.prepare import sha256_of
 from eval.common import (
     DEFAULT_EVAL_DATA,
     PERPLEXITY_JSON,
@@ -61,7 +62,6 @@ from eval.common import (
     resolve_model_arg,
     run_main,
     setup_logging,
-    sha256_file,
     utc_timestamp,
     write_files_atomic,
 )
@@ -166,7 +166,7 @@ def read_datasets(data: list[Path], control: list[Path], max_rows: int | None) -
             while name in names:
                 name = f"{path.parent.name}/{name}" if "/" not in name else name + "'"
             names.add(name)
-            datasets.append(Dataset(name, kind, path, rows, sha256_file(path)))
+            datasets.append(Dataset(name, kind, path, rows, sha256_of(path)))
     return datasets
 
 

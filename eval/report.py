@@ -17,7 +17,6 @@ eval.report.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from eval.common import (
     PERPLEXITY_JSON,
     EvalError,
     fmt,
+    load_json_object,
     run_main,
     setup_logging,
     utc_timestamp,
@@ -45,20 +45,6 @@ CHART_DIR = "report"
 COLOURS = {"base": "#8c8c8c", "adapter": "#c0392b", "train": "#2c7fb8", "eval": "#d95f0e"}
 
 
-def _load_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{what} {path} is not valid JSON ({first_msg(err)}): {fix}") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{what} {path} is not a JSON object: {fix}")
-    return data
-
-
-def first_msg(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
 def find_trainer_state(run_dir: Path) -> tuple[Path, dict] | None:
     """The trainer_state.json with the highest global_step (top level wins ties), or None."""
     candidates = []
@@ -70,7 +56,8 @@ def find_trainer_state(run_dir: Path) -> tuple[Path, dict] | None:
             candidates.append((path, 0))
     best = None
     for path, is_top in candidates:
-        state = _load_json(path, "trainer log", "delete the broken checkpoint or re-run training")
+        state = load_json_object(path, "trainer log",
+                                 "delete the broken checkpoint or re-run training")
         if not isinstance(state.get("log_history"), list):
             raise EvalError(f"trainer log {path} has no log_history list: it is not a Hugging "
                             "Face trainer_state.json; delete it or re-run training")
@@ -305,7 +292,7 @@ def run(args) -> Path:
         path = given or run_dir / EVAL_SUBDIR / default
         if given and not given.is_file():
             raise EvalError(f"{name} file {given} not found: check the path or drop --{name}")
-        inputs[name] = (path, _load_json(path, f"{name} results",
+        inputs[name] = (path, load_json_object(path, f"{name} results",
                                          f"re-run python -m {producer}")) if path.is_file() \
             else (None, None)
     for name, key in (("perplexity", "datasets"), ("generations", "generations")):
