@@ -10,8 +10,8 @@ RUN_DIR is the axolotl output_dir (it holds the adapter). Inputs, each optional,
   perplexity    RUN_DIR/eval/perplexity.json    (python -m eval.perplexity --adapter RUN_DIR)
   generations   RUN_DIR/eval/generations.json   (python -m eval.generate --adapter RUN_DIR)
 Outputs: RUN_DIR/report.md and RUN_DIR/report/{loss,perplexity}.png (matplotlib, Agg backend),
-replaced atomically. Chain: axolotl train -> eval.perplexity --compare -> eval.generate ->
-eval.report.
+replaced atomically; it links RUN_DIR/runs/ when the run wrote TensorBoard event files.
+Chain: axolotl train -> eval.perplexity --compare -> eval.generate -> eval.report.
 """
 
 from __future__ import annotations
@@ -227,8 +227,10 @@ def render_report(run_dir: Path, sources: dict, curves, ppl, gens, charts: list[
     if missing:
         lines.append("- Not available: " + ", ".join(missing) + " (see `python -m eval.report "
                      "--help` for where each is read from).")
+    tensorboard = tensorboard_line(run_dir)
+    if curves is not None or tensorboard:
+        lines += ["", "## Training", ""] + ([tensorboard, ""] if tensorboard else [])
     if curves is not None:
-        lines += ["", "## Training", ""]
         if "loss.png" in charts:
             lines += [f"![loss curves]({CHART_DIR}/loss.png)", ""]
         lines += ["| step | train loss | eval loss |", "|---|---|---|"]
@@ -253,6 +255,16 @@ def render_report(run_dir: Path, sources: dict, curves, ppl, gens, charts: list[
         lines += render_generation_sections(gens, level=3)
     lines.append("")
     return "\n".join(lines)
+
+
+def tensorboard_line(run_dir: Path) -> str | None:
+    """Where the run's TensorBoard event files are (recipes set `use_tensorboard: true`)."""
+    runs = run_dir / "runs"
+    if not any(runs.glob("*/events.out.tfevents.*")):
+        return None
+    return (f"Every logged metric per step (loss, learning rate, grad norm, tokens/s) is in "
+            f"TensorBoard: [`{runs}`]({runs.relative_to(run_dir)}/), open it with "
+            f"`tensorboard --logdir {runs}` and browse http://localhost:6006.")
 
 
 def table_steps(train_steps: list[int], eval_steps: list[int], rows: int = 20) -> list[int]:
