@@ -1,42 +1,72 @@
 #!/usr/bin/env bash
-# bench/run_device_multi.sh - one call on a 2-GPU machine: the single-GPU comparison (notebook vs
-# recipe vs the 80 GB profile) on GPU 0 while the FSDP2 recipe runs on GPU 1 alone, then the FSDP2
-# recipe on both GPUs, then a check that the adapter the sharded run saved loads with peft.
+# bench/run_device_multi.sh - one call on a machine with 2+ GPUs: single-GPU variants side by side
+# (one lane of variants per GPU, each configuration alone on its GPU), then one configuration
+# data-parallel over several GPUs, then a check that the adapters those runs saved load in peft.
 #
-# Device call (repo root, carrying .whl, data/prepared, models/mistral-tokenizer):
-#   bash bench/run_device_multi.sh            (timeout_s 600)
-# $OUT receives: single.tgz, fsdp1.tgz, fsdp2.tgz (each run_device.sh's files), fsdp2-adapter.json,
-# summary.txt (all tables).
+# Run from the repository root, with what bench/run_device.sh needs (its header lists it):
+#   bash bench/run_device_multi.sh
+# Settings (environment, all optional):
+#   LANES="a,b|c,d"        single-GPU variant lists, list i on GPU i (phase A)
+#   PHASE_A_S=290          budget of phase A, seconds after setup
+#   MULTI_VARIANTS=recipe  variants run on MULTI_GPUS GPUs at once (phase B; empty: no phase B)
+#   MULTI_RECIPE=recipes/mistral-qlora.yml   MULTI_GPUS=2   PHASE_B_S=130
+#   WARMUP=3 STEPS=30      steps per run (30 measured steps cross an epoch boundary)
+# $OUT receives: env.txt, throughput.jsonl (every run's summary line), steps.jsonl (every step),
+# profiles.txt (BENCH_PROFILE_STEP), runs.log, adapters.json, summary.txt (the tables).
 set -uo pipefail
 : "${OUT:?OUT must be set}"
-PHASE_A_S=${PHASE_A_S:-300}   # budget of each single/FSDP-1 lane after setup
-PHASE_B_S=${PHASE_B_S:-170}   # budget of the 2-GPU run
+LANES=${LANES:-"notebook,recipe,previous_recipe|bnb_paged_adamw,default_dataloader"}
+PHASE_A_S=${PHASE_A_S:-290}
+MULTI_VARIANTS=${MULTI_VARIANTS-recipe}
+MULTI_RECIPE=${MULTI_RECIPE:-recipes/mistral-qlora.yml}
+MULTI_GPUS=${MULTI_GPUS:-2}
+PHASE_B_S=${PHASE_B_S:-130}
+export WARMUP=${WARMUP:-3} STEPS=${STEPS:-30}
 export MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-random}
+# Multicast NVLink can take a shared host's GPUs out of service: keep it off everywhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+T0=$(date +%s)
 
 SETUP_ONLY=1 OUT=/tmp/out-setup bash bench/run_device.sh || exit 1
 cp /tmp/out-setup/env.txt "$OUT/env.txt"
-export INSTALL_WHEELS=0 PYTHONPATH=/tmp/site
+if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then export INSTALL_WHEELS=0 PYTHONPATH=/tmp/site; fi
+echo "[multi] setup done after $(( $(date +%s) - T0 )) s"
 
-CUDA_VISIBLE_DEVICES=0 OUT=/tmp/out-single WORK_DIR=/tmp/runs-single VARIANTS=notebook,recipe,mbs2 \
-  BUDGET_S=$PHASE_A_S bash bench/run_device.sh > /tmp/single.stdout 2>&1 &
-single=$!
-CUDA_VISIBLE_DEVICES=1 OUT=/tmp/out-fsdp1 WORK_DIR=/tmp/runs-fsdp1 VARIANTS=recipe GPUS=1 \
-  RECIPE=recipes/mistral-qlora-fsdp.yml BUDGET_S=$PHASE_A_S bash bench/run_device.sh \
-  > /tmp/fsdp1.stdout 2>&1 &
-fsdp1=$!
-wait $single; wait $fsdp1
+LANES="$LANES" OUT=/tmp/out-lanes WORK_DIR=/tmp/runs-lanes BUDGET_S=$PHASE_A_S \
+  bash bench/run_device.sh > /tmp/lanes.stdout 2>&1
+echo "[multi] phase A (lanes) done after $(( $(date +%s) - T0 )) s"
 
-OUT=/tmp/out-fsdp2 WORK_DIR=/tmp/runs-fsdp2 VARIANTS=recipe GPUS=2 \
-  RECIPE=recipes/mistral-qlora-fsdp.yml BUDGET_S=$PHASE_B_S bash bench/run_device.sh \
-  > /tmp/fsdp2.stdout 2>&1
-python3 -m bench.check_adapter /tmp/runs-fsdp2/recipe/out --model "$MODEL_DIR" \
-  --out "$OUT/fsdp2-adapter.json" > /tmp/adapter.stdout 2>&1 || cat /tmp/adapter.stdout
+if [[ -n $MULTI_VARIANTS ]]; then
+  VARIANTS=$MULTI_VARIANTS GPUS=$MULTI_GPUS RECIPE=$MULTI_RECIPE OUT=/tmp/out-multi \
+    WORK_DIR=/tmp/runs-multi BUDGET_S=$PHASE_B_S bash bench/run_device.sh > /tmp/multi.stdout 2>&1
+  echo "[multi] phase B ($MULTI_GPUS GPUs) done after $(( $(date +%s) - T0 )) s"
+fi
 
-for part in single fsdp1 fsdp2; do
-  cp /tmp/$part.stdout /tmp/out-$part/stdout.txt 2>/dev/null
-  # results, step records and logs only: run dirs also hold adapters, datasets and tokenizers
-  tar czf "$OUT/$part.tgz" -C /tmp "out-$part" 2>/dev/null
-  { echo "===== $part"; tail -n 15 /tmp/$part.stdout; } >> "$OUT/summary.txt"
+# The adapter a data-parallel run saved must load in peft with the expected LoRA shapes.
+: > /tmp/adapters.jsonl
+for out_dir in /tmp/runs-multi/*/out; do  # the data-parallel run's adapter(s)
+  [[ -f $out_dir/adapter_config.json ]] || continue
+  python3 -m bench.check_adapter "$out_dir" --model "$MODEL_DIR" --out /tmp/adapter.json \
+    > /tmp/adapter.stdout 2>&1
+  python3 - "$out_dir" "$?" >> /tmp/adapters.jsonl <<'PY'
+import json, sys
+from pathlib import Path
+path = Path("/tmp/adapter.json")
+result = json.loads(path.read_text()) if path.is_file() else {}
+print(json.dumps({"run": sys.argv[1], "exit": int(sys.argv[2]), **result}))
+PY
+  rm -f /tmp/adapter.json
 done
-cat "$OUT/summary.txt"
+python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open('/tmp/adapters.jsonl')], indent=1))" \
+  > "$OUT/adapters.json"
+
+for part in lanes multi; do
+  [[ -d /tmp/out-$part ]] || continue
+  cat /tmp/out-$part/throughput.jsonl >> "$OUT/throughput.jsonl" 2>/dev/null
+  cat /tmp/out-$part/steps.jsonl >> "$OUT/steps.jsonl" 2>/dev/null
+  cat /tmp/out-$part/profiles.txt >> "$OUT/profiles.txt" 2>/dev/null
+  cat /tmp/out-$part/runs.log >> "$OUT/runs.log" 2>/dev/null
+  { echo "===== $part"; tail -n 20 /tmp/$part.stdout; } >> "$OUT/summary.txt"
+done
+python3 -m bench.train_throughput --table "$OUT/throughput.jsonl" | tee -a "$OUT/summary.txt"
+echo "[multi] done in $(( $(date +%s) - T0 )) s; adapters: $(grep -c '"exit": 0' /tmp/adapters.jsonl) loaded ok of $(wc -l < /tmp/adapters.jsonl)"

@@ -65,6 +65,24 @@ VARIANTS: dict[str, dict] = {
             "about": "4 micro-batches per optimizer step"},
     "fused_adamw": {"kind": "axolotl", "overrides": {"optimizer": "adamw_torch_fused"},
                     "about": "torch's fused AdamW (fp32 state) instead of paged 8-bit AdamW"},
+    "ga2": {"kind": "axolotl", "overrides": {"gradient_accumulation_steps": 2},
+            "about": "2 micro-batches per optimizer step (the tokens per step of 2-GPU DDP)"},
+    # -- host-side work per step: each reverts one setting of the recipe ----------------------
+    "bnb_paged_adamw": {"kind": "axolotl", "overrides": {"optimizer": "paged_adamw_8bit"},
+                        "about": "bitsandbytes' paged 8-bit AdamW (it synchronises the GPU "
+                                 "after every parameter) instead of torch's fused AdamW"},
+    "default_dataloader": {"kind": "axolotl",
+                           "overrides": {"dataset_num_proc": None,
+                                         "dataloader_num_workers": None},
+                           "about": "Axolotl's default data loading: a worker process and a "
+                                    "process pool for packing, both re-forked every epoch"},
+    "previous_recipe": {"kind": "axolotl",
+                        "overrides": {"optimizer": "paged_adamw_8bit", "dataset_num_proc": None,
+                                      "dataloader_num_workers": None},
+                        "about": "the recipe before the host-side fixes (paged 8-bit AdamW, "
+                                 "default data loading)"},
+    "bf16_lora": {"kind": "axolotl", "overrides": {"peft_autocast_adapter_dtype": False},
+                  "about": "LoRA weights kept in bf16 (no fp32<->bf16 casts per micro-batch)"},
     # -- batch shape ----------------------------------------------------------------------
     "mbs1": {"kind": "axolotl", "overrides": {"micro_batch_size": 1},
              "about": "micro-batch 1"},
