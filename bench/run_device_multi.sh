@@ -32,13 +32,16 @@ cp /tmp/out-setup/env.txt "$OUT/env.txt"
 if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then export INSTALL_WHEELS=0 PYTHONPATH=/tmp/site; fi
 echo "[multi] setup done after $(( $(date +%s) - T0 )) s"
 
+# a first guess of each run's cost for the time guard, until a run of its kind has finished
+ESTIMATES=(--estimate-s 90 110 60)
 LANES="$LANES" OUT=/tmp/out-lanes WORK_DIR=/tmp/runs-lanes BUDGET_S=$PHASE_A_S \
-  bash bench/run_device.sh > /tmp/lanes.stdout 2>&1
+  bash bench/run_device.sh "${ESTIMATES[@]}" > /tmp/lanes.stdout 2>&1
 echo "[multi] phase A (lanes) done after $(( $(date +%s) - T0 )) s"
 
 if [[ -n $MULTI_VARIANTS ]]; then
-  VARIANTS=$MULTI_VARIANTS GPUS=$MULTI_GPUS RECIPE=$MULTI_RECIPE OUT=/tmp/out-multi \
-    WORK_DIR=/tmp/runs-multi BUDGET_S=$PHASE_B_S bash bench/run_device.sh > /tmp/multi.stdout 2>&1
+  LANES= VARIANTS=$MULTI_VARIANTS GPUS=$MULTI_GPUS RECIPE=$MULTI_RECIPE OUT=/tmp/out-multi \
+    WORK_DIR=/tmp/runs-multi BUDGET_S=$PHASE_B_S bash bench/run_device.sh "${ESTIMATES[@]}" \
+    > /tmp/multi.stdout 2>&1
   echo "[multi] phase B ($MULTI_GPUS GPUs) done after $(( $(date +%s) - T0 )) s"
 fi
 

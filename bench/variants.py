@@ -4,13 +4,14 @@ Each entry is `kind` ("notebook": bench.notebook_baseline; "axolotl": the recipe
 `python -m axolotl.cli.train`; "eval": `python -m eval.perplexity` on the adapter that the
 `recipe` run saved) plus `args` (extra command-line arguments) or `overrides` (merged into the
 recipe's YAML; a value of None deletes the key). The pseudo-key `liger` switches the Liger plugin and its four kernels on or
-off together. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
+off together; `packed_attention` adds or removes integrations.packed_attention. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
 is the order run (and the order a time budget cuts from the end).
 """
 
 from __future__ import annotations
 
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+PACKED_ATTENTION_PLUGIN = "integrations.packed_attention.PackedAttentionPlugin"
 LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy")
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
@@ -76,11 +77,15 @@ VARIANTS: dict[str, dict] = {
                                          "dataloader_num_workers": None},
                            "about": "Axolotl's default data loading: a worker process and a "
                                     "process pool for packing, both re-forked every epoch"},
+    "no_packed_attention": {"kind": "axolotl", "overrides": {"packed_attention": False},
+                            "about": "Axolotl's varlen attention as is: the packing layout "
+                                     "recomputed, with GPU synchronisations, in every layer"},
     "previous_recipe": {"kind": "axolotl",
                         "overrides": {"optimizer": "paged_adamw_8bit", "dataset_num_proc": None,
-                                      "dataloader_num_workers": None},
+                                      "dataloader_num_workers": None,
+                                      "packed_attention": False},
                         "about": "the recipe before the host-side fixes (paged 8-bit AdamW, "
-                                 "default data loading)"},
+                                 "default data loading, layout recomputed per layer)"},
     "bf16_lora": {"kind": "axolotl", "overrides": {"peft_autocast_adapter_dtype": False},
                   "about": "LoRA weights kept in bf16 (no fp32<->bf16 casts per micro-batch)"},
     # -- batch shape ----------------------------------------------------------------------
@@ -141,9 +146,14 @@ DEFAULT_VARIANTS = ("notebook", "recipe", "eval_ppl", "liger", "varlen", "liger_
 
 
 def expand_overrides(overrides: dict, recipe_plugins: list[str]) -> tuple[dict, list[str]]:
-    """Resolve the `liger` pseudo-key into config keys and a plugin list."""
+    """Resolve the `liger` and `packed_attention` pseudo-keys into config keys and plugins."""
     overrides = dict(overrides)
     plugins = list(recipe_plugins)
+    packed = overrides.pop("packed_attention", None)
+    if packed is True and PACKED_ATTENTION_PLUGIN not in plugins:
+        plugins.append(PACKED_ATTENTION_PLUGIN)
+    elif packed is False:
+        plugins = [p for p in plugins if p != PACKED_ATTENTION_PLUGIN]
     liger = overrides.pop("liger", None)
     if liger is True:
         if LIGER_PLUGIN not in plugins:
