@@ -7,7 +7,7 @@
 #   bash bench/run_device_multi.sh
 # Settings (environment, all optional):
 #   LANES="a,b|c,d"        single-GPU variant lists, list i on GPU i (phase A)
-#   PHASE_A_S=290          budget of phase A, seconds after setup
+#   PHASE_A_S=300          budget of phase A, seconds after setup
 #   MULTI_VARIANTS=recipe  variants run on MULTI_GPUS GPUs at once (phase B; empty: no phase B)
 #   MULTI_RECIPE=recipes/mistral-qlora.yml   MULTI_GPUS=2   PHASE_B_S=130
 #   WARMUP=3 STEPS=30      steps per run (30 measured steps cross an epoch boundary)
@@ -16,7 +16,7 @@
 set -uo pipefail
 : "${OUT:?OUT must be set}"
 LANES=${LANES:-"notebook,recipe,previous_recipe|bnb_paged_adamw,default_dataloader"}
-PHASE_A_S=${PHASE_A_S:-290}
+PHASE_A_S=${PHASE_A_S:-300}
 MULTI_VARIANTS=${MULTI_VARIANTS-recipe}
 MULTI_RECIPE=${MULTI_RECIPE:-recipes/mistral-qlora.yml}
 MULTI_GPUS=${MULTI_GPUS:-2}
