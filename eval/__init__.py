@@ -3,6 +3,7 @@
 - `python -m eval.perplexity`  perplexity, bits per byte and word perplexity (base vs adapter)
 - `python -m eval.generate`    greedy and sampled generations, with a memorisation check
 - `python -m eval.report RUN`  report.md + PNG charts from the trainer log and the two above
+- `python -m eval RECIPE|RUN`  all three with one model load (what a recipe's run is scored with)
 
 Default layout inside a run directory (the axolotl output_dir that holds the adapter):
 

@@ -9,6 +9,7 @@ cheap checks, so a typo in a path fails in well under a second.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
 
@@ -54,7 +57,7 @@ def setup_logging(verbose: bool = False) -> None:
 def quiet_library_logs() -> None:
     """Silence import-time noise of optional backends (torchao .so files, bitsandbytes hub
     kernels) that says nothing about this evaluation and would bury the one-line errors."""
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*publisher trust check.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -268,11 +271,15 @@ def resolve_device(load_in_4bit: bool = False):
 
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
+    problem = cuda_unavailable_problem()  # a GPU is there but CUDA cannot start (old driver)
     if load_in_4bit:
         raise EvalError(
+            f"--load-in-4bit needs CUDA, and {problem}" if problem else
             "--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to evaluate in "
             "fp32 on this CPU"
         )
+    if problem:
+        LOG.warning("evaluating on the CPU in fp32 (slow): %s", problem)
     return torch.device("cpu"), torch.float32
 
 
@@ -290,8 +297,9 @@ def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | No
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
-        raise EvalError(f"cannot load the tokenizer of {source} ({first_line(err)}): "
-                        "pass --tokenizer DIR with tokenizer files") from None
+        raise EvalError(load_problem(err, source) or (
+            f"cannot load the tokenizer of {source} ({first_line(err)}): "
+            "pass --tokenizer DIR with tokenizer files")) from None
     vocab = tok.get_vocab()
     for flag, value in (("--eos-token", eos_token), ("--pad-token", pad_token)):
         if value is not None and value not in vocab:
@@ -352,11 +360,12 @@ def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = Fal
         kwargs["device_map"] = {"": 0}
     try:
         base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        if not load_in_4bit:
+            base.to(device)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
-        raise EvalError(f"cannot load model {model} ({first_line(err)}): pass --model with a "
-                        "causal-LM directory written by save_pretrained") from None
-    if not load_in_4bit:
-        base.to(device)
+        raise EvalError(load_problem(err, model, load_in_4bit) or (
+            f"cannot load model {model} ({first_line(err)}): pass --model with a "
+            "causal-LM directory written by save_pretrained")) from None
     if adapter is not None:
         config = read_adapter_config(adapter)
         check_adapter_fits(base, Path(adapter), model, config)
@@ -432,3 +441,34 @@ def library_versions() -> dict:
         with contextlib.suppress(Exception):
             versions[name] = __import__(name).__version__
     return versions
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A tokenizer and model (base + adapter when given) loaded once and shared by several
+    evaluations (`python -m eval` scores, generates and reports with one load)."""
+
+    ref: str
+    adapter: Path | None
+    load_in_4bit: bool
+    tok: object
+    model: object
+    seconds: float
+
+
+def load_for_eval(model_ref: str, adapter: Path | None, load_in_4bit: bool = False,
+                  tokenizer: str | None = None, eos_token: str | None = None,
+                  pad_token: str | None = None) -> LoadedModel:
+    """Tokenizer + model as every eval script loads them, timed."""
+    import time
+
+    quiet_library_logs()
+    resolve_device(load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
+    start = time.perf_counter()
+    tok = load_tokenizer(model_ref, tokenizer, eos_token, pad_token)
+    model = load_model(model_ref, adapter, load_in_4bit=load_in_4bit)
+    seconds = time.perf_counter() - start
+    LOG.info("loaded %s%s%s in %.1f s", model_ref, f" + {adapter}" if adapter else "",
+             " (4-bit)" if load_in_4bit else "", seconds)
+    return LoadedModel(model_ref, Path(adapter) if adapter else None, load_in_4bit, tok, model,
+                       seconds)

@@ -5,13 +5,22 @@ Usage:
         --train data/prepared/clean/train.jsonl
     python -m eval.generate [--model PATH_OR_HUB_ID] [--adapter DIR] [--prompt TEXT ...]
         [--max-new-tokens 60] [--temperature 0.8] [--top-p 0.95] [--seed 0] [--samples 1]
-        [--train FILE | --no-memorisation] [--load-in-4bit] [--eos-token T] [--out DIR]
+        [--batch-size N] [--train FILE | --no-memorisation] [--load-in-4bit] [--eos-token T]
+        [--out DIR]
 
 For every prompt, each model (base = adapter disabled, and base+adapter) writes one greedy
 continuation and --samples sampled ones; sample i of every model uses seed --seed + i, so base
 and adapter draw with the same seed. A prompt that ends in whitespace is also run with the
 whitespace stripped: BPE tokenizers (SmolLM2's) turn a trailing space into its own odd token,
 which derails some models; both variants are shown, the prompt exactly as given.
+
+Batched: all generations of a model (greedy and sampled rows mixed) run as one left-padded batch
+(--batch-size rows at most). Each sampled row draws its tokens with its own generator seeded
+with its seed (temperature, then top-p, then one uniform draw per token), so a sample is the
+same whatever the batch size or the other rows in the batch; greedy rows are plain argmax, the
+same tokens as one prompt at a time. (On a GPU the logits of a row can differ in their last bits
+between batch shapes, which can very rarely change a token.) The generated tokens per second
+are printed and recorded.
 
 Memorisation check: the share of a generation's word 8-grams that occur verbatim in the
 training text (--train, JSONL rows joined in file order, or plain text). Words are normalised
@@ -42,17 +51,15 @@ from eval.common import (
     DEFAULT_TRAIN_DATA,
     GENERATIONS_JSON,
     EvalError,
+    LoadedModel,
     base_model_context,
     default_out_dir,
     encode,
     library_versions,
-    load_model,
-    load_tokenizer,
+    load_for_eval,
     md_escape,
     model_device,
-    quiet_library_logs,
     read_texts,
-    resolve_device,
     resolve_model_arg,
     run_main,
     setup_logging,
@@ -128,6 +135,9 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample")
     parser.add_argument("--samples", type=int, default=1, help="sampled generations per prompt")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help=f"rows per generate() call (default 0: all generations of a model "
+                        f"at once, up to {MAX_BATCH})")
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN_DATA,
                         help=f"training text for the memorisation check (default "
                         f"{DEFAULT_TRAIN_DATA})")
@@ -152,42 +162,127 @@ def check_args(args) -> None:
         raise EvalError(f"--top-p {args.top_p} must be in (0, 1]")
     if args.samples < 0:
         raise EvalError(f"--samples {args.samples} must be >= 0")
+    if args.batch_size < 0:
+        raise EvalError(f"--batch-size {args.batch_size} must be >= 0 (0 = all rows at once)")
     for prompt in args.prompt or []:
         if not prompt.strip():
             raise EvalError("--prompt is empty: give some text to continue")
 
 
-def generate_one(model, tok, prompt: str, args, seed: int | None) -> dict:
-    import torch
-    from transformers import GenerationConfig
+MAX_BATCH = 64  # rows per generate() call when --batch-size is 0 (all rows of a model)
 
-    ids = encode(tok, [prompt])[0][0]
-    input_ids = torch.tensor([ids], device=model_device(model))
-    sampling = seed is not None
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=sampling,
-        temperature=args.temperature if sampling else None,
-        top_p=args.top_p if sampling else None,
-        top_k=0 if sampling else None,  # off: None would be filled with the default 50
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-    if sampling:
-        torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             generation_config=config)
-    seconds = time.perf_counter() - start
-    new = out[0, len(ids):].tolist()
-    return {
-        "text": tok.decode(new, skip_special_tokens=True),
-        "n_prompt_tokens": len(ids),
-        "n_new_tokens": len(new),
-        "stopped_at_eos": bool(new) and new[-1] == tok.eos_token_id,
-        "seconds": round(seconds, 3),
-    }
+
+def sampler_class():
+    """PerRowSampler, defined on first use so that importing this module stays light."""
+    global PerRowSampler
+    if PerRowSampler is not None:
+        return PerRowSampler
+    import torch
+    from transformers import LogitsProcessor
+
+    class _PerRowSampler(LogitsProcessor):
+        """Greedy rows pass through; each sampled row draws its next token with its own seeded
+        generator (temperature, then top-p, then one uniform draw per step: the token whose
+        cumulative probability first reaches it) and gets logits that force that token, so
+        argmax decoding emits it. A row's draws depend only on its seed and its own logits,
+        not on the batch around it."""
+
+        def __init__(self, seeds: list[int | None], temperature: float, top_p: float, device):
+            self.rows = torch.tensor([i for i, s in enumerate(seeds) if s is not None],
+                                     dtype=torch.long, device=device)
+            self.generators = [torch.Generator().manual_seed(s) for s in seeds if s is not None]
+            self.temperature = temperature
+            self.top_p = top_p
+
+        def __call__(self, input_ids, scores):
+            if not self.generators:
+                return scores
+            logits = scores.index_select(0, self.rows)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            # top-p: keep the most likely tokens until their mass reaches top_p (at least one)
+            keep = (sorted_probs.cumsum(-1) - sorted_probs) < self.top_p
+            cdf = (sorted_probs * keep).cumsum(-1)
+            draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
+                                 for g in self.generators]).to(cdf.device, cdf.dtype)
+            pick = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(1))
+            tokens = order.gather(1, pick.clamp_max(cdf.shape[1] - 1))
+            forced = torch.full_like(logits, float("-inf")).scatter_(1, tokens, 0.0)
+            return scores.index_copy(0, self.rows, forced.to(scores.dtype))
+
+    PerRowSampler = _PerRowSampler
+    return PerRowSampler
+
+
+PerRowSampler = None
+
+
+def generate_batch(model, tok, prompts: list[str], seeds: list[int | None], args) -> list[dict]:
+    """Continuations of `prompts` in one left-padded generate() call; seed None = greedy."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    ids = [encode(tok, [prompt])[0][0] for prompt in prompts]
+    width = max(len(row) for row in ids)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    device = model_device(model)
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
+    attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids],
+                             device=device)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad)
+    processors = LogitsProcessorList()
+    if any(seed is not None for seed in seeds):
+        processors.append(sampler_class()(seeds, args.temperature, args.top_p, device))
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention,
+                                 generation_config=config, logits_processor=processors)
+    except torch.OutOfMemoryError:
+        raise EvalError(f"out of GPU memory while generating a batch of {len(prompts)} rows: "
+                        "lower --batch-size (e.g. --batch-size 4)") from None
+    results = []
+    for row, prompt_ids in zip(out[:, width:].tolist(), ids, strict=True):
+        new = row[: row.index(eos) + 1] if eos in row else row  # what follows EOS is padding
+        results.append({
+            "text": tok.decode(new, skip_special_tokens=True),
+            "n_prompt_tokens": len(prompt_ids),
+            "n_new_tokens": len(new),
+            "stopped_at_eos": bool(new) and new[-1] == eos,
+        })
+    return results
+
+
+def generate_rows(model, tok, rows: list[dict], args, batch_size: int = 0) -> dict:
+    """Fill in the continuation of every row ({"prompt", "seed"}) of one model, `batch_size`
+    rows per generate() call (0 = all, up to MAX_BATCH); returns timing figures."""
+    import torch
+
+    size = batch_size or min(len(rows), MAX_BATCH)
+    # similar prompt lengths together: less padding when the rows do not fit one batch
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
+    seconds, batches = 0.0, 0
+    for first in range(0, len(order), size):
+        chunk = [rows[i] for i in order[first : first + size]]
+        cuda = model_device(model).type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = generate_batch(model, tok, [r["prompt"] for r in chunk],
+                                 [r["seed"] for r in chunk], args)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        for row, output in zip(chunk, outputs, strict=True):
+            row.update(output)
+            row["batch"] = batches
+        batches += 1
+    new_tokens = sum(r["n_new_tokens"] for r in rows)
+    return {"seconds": seconds, "new_tokens": new_tokens, "batches": batches,
+            "batch_size": size}
 
 
 def render_markdown(result: dict) -> str:
@@ -202,6 +297,11 @@ def render_markdown(result: dict) -> str:
         f"{settings['temperature']}, top-p {settings['top_p']}, seeds from {settings['seed']}), "
         f"up to {settings['max_new_tokens']} new tokens; {result['device']}, {result['dtype']}",
     ]
+    timing = result.get("timing")
+    if timing:
+        lines.append(f"- {timing['new_tokens']:,} new tokens in {timing['seconds']:.2f} s "
+                     f"({timing['tokens_per_s'] or 0:,.0f} tokens/s, {timing['batches']} "
+                     "batched generate() call(s); model loading not included)")
     mem = result["memorisation"]
     if mem["train"]:
         lines.append(
@@ -249,7 +349,8 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f} %"
 
 
-def run(args) -> dict:
+def run(args, loaded: LoadedModel | None = None) -> dict:
+    """Generate, check memorisation, write OUT/generations.*; `loaded` reuses a loaded model."""
     check_args(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     index = None
@@ -263,30 +364,37 @@ def run(args) -> dict:
     model_ref, _ = resolve_model_arg(args.model, args.adapter)
     out_dir = args.out or default_out_dir(args.adapter)
 
-    quiet_library_logs()
-    resolve_device(args.load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
-    tok = load_tokenizer(model_ref, args.tokenizer, args.eos_token, args.pad_token)
-    model = load_model(model_ref, args.adapter, load_in_4bit=args.load_in_4bit)
+    if loaded is None:
+        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
+                               args.eos_token, args.pad_token)
+    tok, model = loaded.tok, loaded.model
     labels = ["base", "adapter"] if args.adapter else ["base"]
     seeds = [None] + [args.seed + i for i in range(args.samples)]
 
-    from tqdm.auto import tqdm
-
     variants = prompt_variants(prompts)
-    records = []
-    bar = tqdm(total=len(variants) * len(seeds) * len(labels), desc="generating", unit="gen")
+    records, seconds, batches = [], 0.0, 0
     for label in labels:
+        rows = [{"prompt": prompt, "prompt_variant": variant, "model": label,
+                 "mode": "greedy" if seed is None else "sample", "seed": seed}
+                for prompt, variant in variants for seed in seeds]
         # base = the same loaded weights with the adapter disabled
         with base_model_context(model) if label == "base" else contextlib.nullcontext():
-            for prompt, variant in variants:
-                for seed in seeds:
-                    record = {"prompt": prompt, "prompt_variant": variant, "model": label,
-                              "mode": "greedy" if seed is None else "sample", "seed": seed}
-                    record.update(generate_one(model, tok, prompt, args, seed))
-                    record["memorisation"] = index.share(record["text"]) if index else None
-                    records.append(record)
-                    bar.update()
-    bar.close()
+            timing = generate_rows(model, tok, rows, args, args.batch_size)
+        LOG.info("%s: %d generations, %d new tokens in %.2f s (%d batch(es) of up to %d rows)",
+                 label, len(rows), timing["new_tokens"], timing["seconds"], timing["batches"],
+                 timing["batch_size"])
+        for row in rows:
+            row["batch"] += batches
+            row["memorisation"] = index.share(row["text"]) if index else None
+        seconds += timing["seconds"]
+        batches += timing["batches"]
+        records += rows
+    new_tokens = sum(r["n_new_tokens"] for r in records)
+    timing = {"seconds": round(seconds, 3), "new_tokens": new_tokens, "batches": batches,
+              "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
+              "load_seconds": round(loaded.seconds, 2)}
+    print(f"generated {len(records)} continuations, {new_tokens:,} new tokens in {seconds:.2f} s: "
+          f"{timing['tokens_per_s'] or 0:,.0f} tokens/s ({batches} batch(es))")
 
     order = {label: i for i, label in enumerate(labels)}
     records.sort(key=lambda r: (variants.index((r["prompt"], r["prompt_variant"])),
@@ -298,17 +406,18 @@ def run(args) -> dict:
         mean_share[label] = sum(shares) / len(shares) if shares else None
     param = next(model.parameters())
     result = {
-        "schema_version": 1,
+        "schema_version": 2,
         "timestamp": utc_timestamp(),
         "model": model_ref,
         "adapter": str(args.adapter) if args.adapter else None,
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if args.load_in_4bit else str(param.dtype).removeprefix(
+        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
             "torch."),
         "settings": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": args.top_p, "seed": args.seed, "samples": args.samples,
-                     "eos_token": tok.eos_token},
+                     "eos_token": tok.eos_token, "batch_size": args.batch_size or None},
+        "timing": timing,
         "memorisation": {
             "ngram": NGRAM,
             "train": str(args.train) if index else None,

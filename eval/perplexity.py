@@ -37,6 +37,7 @@ OUT/perplexity.md, OUT = --out, else ADAPTER/eval/, else outputs/eval/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -47,18 +48,16 @@ from eval.common import (
     DEFAULT_EVAL_DATA,
     PERPLEXITY_JSON,
     EvalError,
+    LoadedModel,
     base_model_context,
     context_prefix_id,
     default_out_dir,
     encode,
     fmt,
     library_versions,
-    load_model,
-    load_tokenizer,
+    load_for_eval,
     model_device,
-    quiet_library_logs,
     read_texts,
-    resolve_device,
     resolve_model_arg,
     run_main,
     setup_logging,
@@ -364,16 +363,17 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
+def run(args, loaded: LoadedModel | None = None) -> dict:
+    """Score, write OUT/perplexity.*; `loaded` reuses an already loaded tokenizer + model."""
     check_args(args)
     datasets = read_datasets(args.data or [DEFAULT_EVAL_DATA], args.control, args.max_rows)
     model_ref, _ = resolve_model_arg(args.model, args.adapter)
     out_dir = args.out or default_out_dir(args.adapter)
 
-    quiet_library_logs()
-    resolve_device(args.load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
-    tok = load_tokenizer(model_ref, args.tokenizer, args.eos_token, args.pad_token)
-    model = load_model(model_ref, args.adapter, load_in_4bit=args.load_in_4bit)
+    if loaded is None:
+        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
+                               args.eos_token, args.pad_token)
+    tok, model = loaded.tok, loaded.model
     prefix = context_prefix_id(tok)
     for ds in datasets:
         ds.row_ids = encode(tok, ds.rows)[0]
@@ -388,13 +388,17 @@ def run(args) -> dict:
             passes.append(("base", base_model_context))
         passes.append(("adapter", None))
     metrics, throughput = {}, {}
+    import torch
+
     for label, context in passes:
-        if context is None:
-            metrics[label], throughput[label] = score_model(model, datasets, args, label, pad_id)
-        else:
-            with context(model):
+        try:
+            with context(model) if context else contextlib.nullcontext():
                 metrics[label], throughput[label] = score_model(
                     model, datasets, args, label, pad_id)
+        except torch.OutOfMemoryError:
+            raise EvalError(f"out of GPU memory while scoring {args.batch_size} windows of up to "
+                            f"{args.window} tokens at once: lower --batch-size (e.g. "
+                            f"--batch-size {max(1, args.batch_size // 4)})") from None
 
     labels = [label for label, _ in passes]
     param = next(model.parameters())
@@ -406,7 +410,7 @@ def run(args) -> dict:
         "compare": bool(args.compare),
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if args.load_in_4bit else str(param.dtype).removeprefix(
+        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
             "torch."),
         "window": args.window,
         "stride": args.stride,
@@ -422,6 +426,7 @@ def run(args) -> dict:
             ),
         },
         "versions": library_versions(),
+        "load_seconds": round(loaded.seconds, 2),
         "throughput": throughput,
         "datasets": [],
     }

@@ -271,6 +271,15 @@ def check_cuda(cfg: dict, source: str) -> list[str]:
     if str(cfg.get("attn_implementation", "")).startswith("flash"):
         needs.append("attn_implementation")
     if needs and not _cuda_available():
+        try:  # a GPU may be there with a driver too old for this torch: say so, not "no GPU"
+            from eval.errors import cuda_unavailable_problem
+
+            problem = cuda_unavailable_problem()
+        except ImportError:  # pragma: no cover - the repository's eval package is not importable
+            problem = None
+        if problem:
+            return [f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) and CUDA cannot start: "
+                    f"{problem}"]
         return [
             f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) but CUDA is not available here; "
             "on a CPU run `make demo` or `axolotl train recipes/tiny-mistral-cpu.yml`"

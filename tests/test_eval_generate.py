@@ -100,3 +100,129 @@ def test_missing_training_text_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1
     assert "train.jsonl" in err[0] and "--no-memorisation" in err[0]
     assert not out.exists()
+
+
+# -- batched generation -------------------------------------------------------------------------
+
+
+def _tiny_float64(adapter: bool = True):
+    """The tiny model (+ nonzero LoRA) in float64: padding changes the shapes of the matrix
+    products, and float64 keeps that rounding far below any logit gap, so an argmax cannot flip."""
+    from eval.common import load_model, load_tokenizer
+
+    model = load_model(str(tiny_model_dir()), adapter_dir("nonzero") if adapter else None)
+    return model.double(), load_tokenizer(str(tiny_model_dir()))
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"max_new_tokens": 16, "temperature": 0.8, "top_p": 0.95, **kw})
+
+
+def _one_at_a_time_greedy(model, tok, prompt: str, max_new_tokens: int) -> str:
+    """The previous implementation: one unpadded prompt per generate() call, do_sample=False."""
+    import torch
+    from transformers import GenerationConfig
+
+    from eval.common import encode
+
+    ids = encode(tok, [prompt])[0][0]
+    input_ids = torch.tensor([ids])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             generation_config=config)
+    return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    from eval.common import base_model_context
+    from eval.generate import DEFAULT_PROMPTS, generate_rows
+
+    model, tok = _tiny_float64()
+    prompts = [p for p, _ in prompt_variants(list(DEFAULT_PROMPTS))]  # 6 lengths: real padding
+    for context in (base_model_context, None):  # base (adapter disabled), then base + adapter
+        with context(model) if context else _nullcontext():
+            # greedy and sampled rows mixed in the one batch, as eval.generate runs them
+            rows = [{"prompt": p, "seed": None} for p in prompts]
+            rows += [{"prompt": p, "seed": 11 + i} for i, p in enumerate(prompts)]
+            timing = generate_rows(model, tok, rows, _args())
+            assert timing["batches"] == 1 and timing["new_tokens"] > 0
+            for row in rows[: len(prompts)]:
+                assert row["text"] == _one_at_a_time_greedy(model, tok, row["prompt"], 16), row
+                assert row["n_new_tokens"] == 16 or row["stopped_at_eos"]
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_a_sample_is_the_same_alone_or_in_any_batch():
+    from eval.generate import DEFAULT_PROMPTS, generate_rows
+
+    model, tok = _tiny_float64()
+    prompt = DEFAULT_PROMPTS[1]
+    alone = [{"prompt": prompt, "seed": 5}]
+    generate_rows(model, tok, alone, _args())
+    others = [{"prompt": p, "seed": s} for p in DEFAULT_PROMPTS for s in (None, 1, 2)]
+    for batch_size in (0, 2, 5):
+        rows = [dict(r) for r in others] + [{"prompt": prompt, "seed": 5}]
+        generate_rows(model, tok, rows, _args(), batch_size=batch_size)
+        assert rows[-1]["text"] == alone[0]["text"], batch_size
+    # another seed draws another continuation; a tiny top-p leaves only the argmax
+    other_seed = [{"prompt": prompt, "seed": 6}]
+    generate_rows(model, tok, other_seed, _args())
+    assert other_seed[0]["text"] != alone[0]["text"]
+    nucleus_of_one = [{"prompt": prompt, "seed": 5}]
+    generate_rows(model, tok, nucleus_of_one, _args(top_p=1e-9))
+    assert nucleus_of_one[0]["text"] == _one_at_a_time_greedy(model, tok, prompt, 16)
+
+
+def test_per_row_sampler_draws_from_the_temperature_and_top_p_distribution():
+    import math
+
+    import torch
+
+    from eval.generate import sampler_class
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    scores = probs.log().repeat(2, 1)  # row 0 greedy, row 1 sampled
+    counts = torch.zeros(4)
+    sampler = sampler_class()([None, 123], temperature=1.0, top_p=0.7, device="cpu")
+    for _ in range(4000):
+        out = sampler(None, scores.clone())
+        assert torch.equal(out[0], scores[0])  # the greedy row passes through untouched
+        assert (out[1] == 0).sum() == 1 and torch.isinf(out[1]).sum() == 3  # one token forced
+        counts[out[1].argmax()] += 1
+    # top-p 0.7 keeps 0.5 and 0.3 (the mass before 0.3 is 0.5 < 0.7; before 0.15 it is 0.8)
+    assert counts[2] == counts[3] == 0
+    assert counts[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
+    # temperature 2 flattens: p ~ sqrt(probs), all four tokens kept with top-p 1
+    counts = torch.zeros(4)
+    sampler = sampler_class()([7], temperature=2.0, top_p=1.0, device="cpu")
+    for _ in range(4000):
+        counts[sampler(None, probs.log()[None].clone())[0].argmax()] += 1
+    flat = probs.sqrt() / probs.sqrt().sum()
+    assert counts.tolist() == pytest.approx([4000 * float(f) for f in flat], abs=4000 * 0.03)
+    assert not math.isclose(counts[0] / 4000, 0.5, abs_tol=0.03)
+
+
+def test_generations_record_speed_and_batches(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir()), "--prompt", "It was on a dreary night",
+                 "--prompt", "My dear Elizabeth,", "--max-new-tokens", "6", "--samples", "2",
+                 "--no-memorisation", "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "generations.json").read_text())
+    timing = result["timing"]
+    assert result["schema_version"] == 2 and result["settings"]["batch_size"] == 4
+    assert timing["batches"] == 2  # 2 prompts x (greedy + 2 samples) = 6 rows, 4 a batch
+    assert timing["new_tokens"] == sum(r["n_new_tokens"] for r in result["generations"])
+    assert timing["tokens_per_s"] == pytest.approx(timing["new_tokens"] / timing["seconds"],
+                                                   rel=0.01)
+    assert f"{timing['new_tokens']} new tokens in" in printed and "tokens/s" in printed
+    assert "tokens/s" in (out / "generations.md").read_text()
