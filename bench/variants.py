@@ -4,14 +4,14 @@ Each entry is `kind` ("notebook": bench.notebook_baseline; "axolotl": the recipe
 `python -m axolotl.cli.train`; "eval": `python -m eval.perplexity` on the adapter that the
 `recipe` run saved) plus `args` (extra command-line arguments) or `overrides` (merged into the
 recipe's YAML; a value of None deletes the key). The pseudo-key `liger` switches the Liger plugin and its four kernels on or
-off together; `packed_attention` adds or removes integrations.packed_attention. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
+off together; `fast_steps` adds or removes integrations.fast_steps. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
 is the order run (and the order a time budget cuts from the end).
 """
 
 from __future__ import annotations
 
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
-PACKED_ATTENTION_PLUGIN = "integrations.packed_attention.PackedAttentionPlugin"
+FAST_STEPS_PLUGIN = "integrations.fast_steps.FastStepsPlugin"
 LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy")
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
@@ -68,26 +68,32 @@ VARIANTS: dict[str, dict] = {
                     "about": "torch's fused AdamW (fp32 state) instead of paged 8-bit AdamW"},
     "ga2": {"kind": "axolotl", "overrides": {"gradient_accumulation_steps": 2},
             "about": "2 micro-batches per optimizer step (the tokens per step of 2-GPU DDP)"},
-    # -- host-side work per step: each reverts one setting of the recipe ----------------------
-    "bnb_paged_adamw": {"kind": "axolotl", "overrides": {"optimizer": "paged_adamw_8bit"},
-                        "about": "bitsandbytes' paged 8-bit AdamW (it synchronises the GPU "
-                                 "after every parameter) instead of torch's fused AdamW"},
+    # -- host-side work per step: each reverts one part of the recipe -------------------------
+    "no_bf16_lora": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_bf16_lora": False},
+                     "about": "fp32 LoRA weights (cast to bf16 in every micro-batch), fused "
+                              "AdamW on them directly"},
+    "no_packed_layout": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_packed_layout": False},
+                         "about": "Axolotl's varlen attention as is: the packing layout "
+                                  "recomputed, with GPU synchronisations, in every layer"},
+    "no_gc_freeze": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_gc_freeze": False},
+                     "about": "Python's garbage collector scans everything loaded, at every "
+                              "collection"},
+    "bnb_paged_adamw": {"kind": "axolotl",
+                        "overrides": {"optimizer": "paged_adamw_8bit", "fast_steps": True,
+                                      "fast_steps_bf16_lora": False},
+                        "about": "bitsandbytes' paged 8-bit AdamW on fp32 LoRA weights (it "
+                                 "synchronises the GPU after every tensor)"},
     "default_dataloader": {"kind": "axolotl",
                            "overrides": {"dataset_num_proc": None,
                                          "dataloader_num_workers": None},
                            "about": "Axolotl's default data loading: a worker process and a "
                                     "process pool for packing, both re-forked every epoch"},
-    "no_packed_attention": {"kind": "axolotl", "overrides": {"packed_attention": False},
-                            "about": "Axolotl's varlen attention as is: the packing layout "
-                                     "recomputed, with GPU synchronisations, in every layer"},
     "previous_recipe": {"kind": "axolotl",
-                        "overrides": {"optimizer": "paged_adamw_8bit", "dataset_num_proc": None,
-                                      "dataloader_num_workers": None,
-                                      "packed_attention": False},
-                        "about": "the recipe before the host-side fixes (paged 8-bit AdamW, "
-                                 "default data loading, layout recomputed per layer)"},
-    "bf16_lora": {"kind": "axolotl", "overrides": {"peft_autocast_adapter_dtype": False},
-                  "about": "LoRA weights kept in bf16 (no fp32<->bf16 casts per micro-batch)"},
+                        "overrides": {"fast_steps": False, "optimizer": "paged_adamw_8bit",
+                                      "dataset_num_proc": None,
+                                      "dataloader_num_workers": None},
+                        "about": "the recipe before the host-side work was cut (no fast_steps "
+                                 "plugin, paged 8-bit AdamW, default data loading)"},
     # -- batch shape ----------------------------------------------------------------------
     "mbs1": {"kind": "axolotl", "overrides": {"micro_batch_size": 1},
              "about": "micro-batch 1"},
@@ -146,14 +152,16 @@ DEFAULT_VARIANTS = ("notebook", "recipe", "eval_ppl", "liger", "varlen", "liger_
 
 
 def expand_overrides(overrides: dict, recipe_plugins: list[str]) -> tuple[dict, list[str]]:
-    """Resolve the `liger` and `packed_attention` pseudo-keys into config keys and plugins."""
+    """Resolve the `liger` and `fast_steps` pseudo-keys into config keys and plugins."""
     overrides = dict(overrides)
     plugins = list(recipe_plugins)
-    packed = overrides.pop("packed_attention", None)
-    if packed is True and PACKED_ATTENTION_PLUGIN not in plugins:
-        plugins.append(PACKED_ATTENTION_PLUGIN)
-    elif packed is False:
-        plugins = [p for p in plugins if p != PACKED_ATTENTION_PLUGIN]
+    fast = overrides.pop("fast_steps", None)
+    if fast is True and FAST_STEPS_PLUGIN not in plugins:
+        plugins.append(FAST_STEPS_PLUGIN)
+    elif fast is False:
+        plugins = [p for p in plugins if p != FAST_STEPS_PLUGIN]
+        overrides.update({k: None for k in ("fast_steps_packed_layout", "fast_steps_bf16_lora",
+                                            "fast_steps_gc_freeze")})
     liger = overrides.pop("liger", None)
     if liger is True:
         if LIGER_PLUGIN not in plugins:

@@ -3,11 +3,14 @@ gives the same results as the code it replaces, and refuses in one line where it
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
-from integrations.packed_attention import plugin as packed_plugin
-from integrations.packed_attention.attention import LayoutCache, packed_layout
+from integrations.fast_steps import plugin as fast_steps
+from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
+from integrations.fast_steps.packed_layout import LayoutCache, packed_layout
 
 
 def random_packed_position_ids(rows: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -78,7 +81,7 @@ def test_plugin_replaces_axolotls_varlen_attention_with_the_same_results(axolotl
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     axolotl_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    assert hasattr(axolotl_sdpa, packed_plugin.AXOLOTL_ORIGINAL_ATTR), (
+    assert hasattr(axolotl_sdpa, fast_steps.AXOLOTL_ORIGINAL_ATTR), (
         "Axolotl's varlen wrapper no longer keeps the stock function where the plugin looks")
     model = tiny_mistral(layers=3)
     ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(0))
@@ -86,12 +89,12 @@ def test_plugin_replaces_axolotls_varlen_attention_with_the_same_results(axolotl
     with torch.no_grad():
         expected = model(input_ids=ids, position_ids=pid).logits
 
-    assert packed_plugin.install(cuda_half_precision=True)
+    assert fast_steps.install_packed_layout(cuda_half_precision=True)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not axolotl_sdpa
-    before = packed_plugin.LAYOUTS.computed
+    before = fast_steps.LAYOUTS.computed
     with torch.no_grad():
         got = model(input_ids=ids, position_ids=pid).logits
-    assert packed_plugin.LAYOUTS.computed == before + 1  # once for 3 layers
+    assert fast_steps.LAYOUTS.computed == before + 1  # once for 3 layers
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # a packed row must not attend across documents: the first document's logits do not
     # change when a later document's tokens do
@@ -106,20 +109,105 @@ def test_plugin_replaces_axolotls_varlen_attention_with_the_same_results(axolotl
 def test_plugin_stops_in_one_line_where_axolotls_wrapper_is_missing():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], packed_plugin.AXOLOTL_ORIGINAL_ATTR)
-    assert packed_plugin.install(cuda_half_precision=False) is False  # CPU/fp32: nothing to do
-    with pytest.raises(packed_plugin.PackedAttentionError) as err:
-        packed_plugin.install(cuda_half_precision=True)
+    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], fast_steps.AXOLOTL_ORIGINAL_ATTR)
+    assert fast_steps.install_packed_layout(cuda_half_precision=False) is False  # CPU/fp32: nothing to do
+    with pytest.raises(fast_steps.FastStepsError) as err:
+        fast_steps.install_packed_layout(cuda_half_precision=True)
     message = str(err.value)
     assert "\n" not in message and "axolotl" in message and "0.19.0" in message
 
 
-def test_plugin_refuses_a_recipe_without_varlen_packing():
-    plugin = packed_plugin.PackedAttentionPlugin()
-    plugin.register({"attn_implementation": "sdpa", "sample_packing": True, "sdpa_varlen": True})
-    with pytest.raises(packed_plugin.PackedAttentionError) as err:
-        plugin.register({"attn_implementation": "sdpa", "sample_packing": True})
-    assert "`sdpa_varlen: true`" in str(err.value) and "\n" not in str(err.value)
+RECIPE_SETTINGS = {"attn_implementation": "sdpa", "sample_packing": True, "sdpa_varlen": True,
+                   "optimizer": "adamw_torch_fused", "bf16": True}
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"sdpa_varlen": None}, "`sdpa_varlen: true`"),
+    ({"optimizer": "paged_adamw_8bit"}, "`optimizer: adamw_torch_fused`"),
+    ({"fsdp_config": {"fsdp_version": 2}}, "does not support FSDP"),
+])
+def test_plugin_refuses_recipe_settings_it_cannot_serve(change, says):
+    plugin = fast_steps.FastStepsPlugin()
+    plugin.register(RECIPE_SETTINGS)
+    with pytest.raises(fast_steps.FastStepsError) as err:
+        plugin.register({**RECIPE_SETTINGS, **change})
+    assert says in str(err.value) and "\n" not in str(err.value)
+    # the part that needs the setting can be switched off instead
+    part = "fast_steps_packed_layout" if "sdpa" in says else "fast_steps_bf16_lora"
+    plugin.register({**RECIPE_SETTINGS, **change, part: False})
+
+
+def lora_like_model(seed: int = 0) -> torch.nn.Module:
+    """Frozen bf16 base weights and fp32 trainable A/B matrices, like a peft LoRA model."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False),
+                                torch.nn.Linear(4, 16, bias=False),
+                                torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16))
+    model[2].weight.requires_grad_(False)
+    return model
+
+
+def lora_loss(model, x):
+    hidden = x.to(torch.bfloat16)
+    lora = model[1].weight.to(torch.bfloat16) @ (model[0].weight.to(torch.bfloat16) @ hidden.T)
+    return ((model[2](hidden) + lora.T).float() ** 2).mean()
+
+
+def test_master_weights_update_exactly_like_fp32_weights_cast_per_step():
+    """bf16 weights + fp32 masters give the same values as fp32 weights cast to bf16 in every
+    step (what the fused LoRA kernels do), step after step."""
+    reference, fast = lora_like_model(), lora_like_model()
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=0.05,
+                                foreach=False)
+    params, masters = cast_trainable_to_bf16(fast)
+    assert [p.dtype for p in params] == [torch.bfloat16] * 2 and len(masters) == 2
+    opt = MasterWeightAdamW(params, masters, lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(8, 16, generator=generator)
+        for model, optimizer in ((reference, ref_opt), (fast, opt)):
+            model.zero_grad()
+            lora_loss(model, x).backward()
+            optimizer.step()
+        for ref_param, master, param in zip(ref_opt.param_groups[0]["params"], opt.masters,
+                                            params, strict=True):
+            torch.testing.assert_close(master, ref_param, rtol=0, atol=0)
+            assert torch.equal(param, ref_param.to(torch.bfloat16))
+
+
+def test_master_weights_resume_from_a_checkpoint_exactly():
+    model = lora_like_model()
+    params, masters = cast_trainable_to_bf16(model)
+    opt = MasterWeightAdamW(params, masters, lr=0.05)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        model.zero_grad()
+        lora_loss(model, x).backward()
+        opt.step()
+    checkpoint = io.BytesIO()  # as the Trainer does: optimizer.pt on disk
+    torch.save(opt.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint)
+    expected = [m.clone() for m in opt.masters]
+
+    resumed = lora_like_model()  # the same base model, a fresh LoRA initialisation
+    with torch.no_grad():
+        for param in resumed.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    r_params, r_masters = cast_trainable_to_bf16(resumed)
+    for param, value in zip(r_params, params, strict=True):  # the Trainer restores the adapter
+        param.data.copy_(value)
+    r_opt = MasterWeightAdamW(r_params, r_masters, lr=0.05)
+    r_opt.load_state_dict(saved)
+    for master, value in zip(r_opt.masters, expected, strict=True):
+        assert torch.equal(master, value)  # fp32 values, not the bf16 adapter's
+    for model_, optimizer in ((model, opt), (resumed, r_opt)):
+        model_.zero_grad()
+        lora_loss(model_, x).backward()
+        optimizer.step()
+    for a, b in zip(opt.masters, r_opt.masters, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
@@ -132,9 +220,9 @@ def test_packed_attention_on_cuda_matches_axolotls_varlen_path(axolotl_varlen_pa
     pid = random_packed_position_ids(1, 256, 3).cuda()
     with torch.no_grad():
         expected = model(input_ids=ids, position_ids=pid).logits
-    packed_plugin.install(cuda_half_precision=True)
-    before = packed_plugin.LAYOUTS.computed
+    fast_steps.install_packed_layout(cuda_half_precision=True)
+    before = fast_steps.LAYOUTS.computed
     with torch.no_grad():
         got = model(input_ids=ids, position_ids=pid).logits
-    assert packed_plugin.LAYOUTS.computed == before + 1
+    assert fast_steps.LAYOUTS.computed == before + 1
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -1,0 +1,156 @@
+"""Axolotl plugin: less host-side (Python) work per training step.
+
+    plugins:
+      - integrations.fast_steps.FastStepsPlugin
+
+A QLoRA step of a 7B model on one fast GPU is bound by the Python that launches its kernels,
+not by the GPU. Three parts, each an option in args.py (all on by default):
+- packed layout: Axolotl's varlen attention reads the packing layout once per micro-batch
+  instead of in every layer (packed_layout.py);
+- bf16 LoRA: LoRA weights in bf16 with fp32 masters in a fused AdamW (master_weights.py);
+- gc freeze: what was loaded before training is left out of the garbage collector's scans.
+
+Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
+wrapper; the recipe settings it needs) and stops with one line otherwise.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
+from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
+
+try:  # the plugin base class only exists where axolotl is installed
+    from axolotl.integrations.base import BasePlugin
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    BasePlugin = TrainerCallback = object
+
+LOG = logging.getLogger(__name__)
+NAME = "integrations.fast_steps.FastStepsPlugin"
+# Axolotl's sdpa_varlen wrapper keeps the stock function under this attribute
+# (axolotl/monkeypatch/attention/sdpa_varlen.py in 0.19.0)
+AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
+LAYOUTS = LayoutCache()
+
+
+class FastStepsError(SystemExit):
+    """Stops `axolotl train` with the message and exit status 1, no traceback."""
+
+
+def option(cfg, name: str) -> bool:
+    value = cfg.get(name)
+    return True if value is None else bool(value)
+
+
+def settings_problems(cfg) -> list[str]:
+    """What in the recipe contradicts an enabled part (one line each, with the fix)."""
+    problems = []
+    if option(cfg, "fast_steps_packed_layout"):
+        wanted = {"attn_implementation": "sdpa", "sample_packing": True, "sdpa_varlen": True}
+        wrong = [f"`{k}: {str(v).lower()}`" for k, v in wanted.items() if cfg.get(k) != v]
+        if wrong:
+            problems.append(f"{NAME}: fast_steps_packed_layout needs {', '.join(wrong)} "
+                            "(or set `fast_steps_packed_layout: false`)")
+    if option(cfg, "fast_steps_bf16_lora"):
+        if cfg.get("optimizer") != "adamw_torch_fused":
+            problems.append(f"{NAME}: fast_steps_bf16_lora trains with its own fused AdamW: set "
+                            "`optimizer: adamw_torch_fused` (or `fast_steps_bf16_lora: false`)")
+        if cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"):
+            problems.append(f"{NAME}: fast_steps_bf16_lora does not support FSDP/DeepSpeed: "
+                            "set `fast_steps_bf16_lora: false`")
+    return problems
+
+
+def install_packed_layout(cuda_half_precision: bool = True) -> bool:
+    """Register the packed attention over Axolotl's varlen `sdpa` (idempotent); False when there
+    is nothing to replace because the run is not CUDA fp16/bf16 (Axolotl then keeps stock SDPA
+    with a block-diagonal mask, since varlen_attn only runs there)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(current, "_fast_steps", False):
+        return True
+    stock = getattr(current, AXOLOTL_ORIGINAL_ATTR, None)
+    if stock is None:
+        if not cuda_half_precision:
+            LOG.info("fast_steps: not a CUDA fp16/bf16 run, stock SDPA stays")
+            return False
+        import axolotl
+
+        raise FastStepsError(
+            f"error: {NAME}: the registered `sdpa` attention is not Axolotl's sdpa_varlen "
+            f"wrapper (axolotl {axolotl.__version__}; written against 0.19.0, whose wrapper keeps "
+            f"the stock function as `{AXOLOTL_ORIGINAL_ATTR}`); set "
+            "`fast_steps_packed_layout: false` or pin axolotl==0.19.0")
+    packed = make_packed_sdpa(stock, LAYOUTS)
+    packed._fast_steps = True
+    setattr(packed, AXOLOTL_ORIGINAL_ATTR, stock)  # Axolotl's unpatch still restores stock sdpa
+    ALL_ATTENTION_FUNCTIONS.register("sdpa", packed)
+    LOG.info("fast_steps: varlen SDPA with the packing layout read once per micro-batch")
+    return True
+
+
+class FreezeGarbageCollector(TrainerCallback):
+    """At the start of training, collect once and freeze what survives (the model, datasets,
+    modules): later collections only look at objects made during training."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        gc.collect()
+        gc.freeze()
+        LOG.info("fast_steps: %d objects frozen out of garbage collection", gc.get_freeze_count())
+
+
+class RequireMasterWeightOptimizer(TrainerCallback):
+    """The bf16 weights only change through MasterWeightAdamW: stop at once if the Trainer
+    built another optimizer (another Axolotl version creating it differently)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, if any
+        if not isinstance(inner, MasterWeightAdamW):
+            raise FastStepsError(
+                f"error: {NAME}: the Trainer uses {type(inner).__name__}, not the fp32-master "
+                "AdamW that fast_steps_bf16_lora needs; set `fast_steps_bf16_lora: false`")
+
+
+class FastStepsPlugin(BasePlugin):
+    def __init__(self):
+        super().__init__()
+        self.params, self.masters = [], []
+
+    def get_input_args(self):
+        return "integrations.fast_steps.FastStepsArgs"
+
+    def register(self, cfg):
+        problems = settings_problems(dict(cfg))
+        if problems:
+            raise FastStepsError("\n".join(f"error: {p}" for p in problems))
+
+    def post_model_load(self, cfg, model):
+        import torch
+
+        half = cfg.get("torch_dtype") in (torch.float16, torch.bfloat16)
+        cuda_half = half and torch.cuda.is_available()
+        if option(cfg, "fast_steps_packed_layout"):
+            install_packed_layout(cuda_half_precision=cuda_half)
+        if option(cfg, "fast_steps_bf16_lora") and cfg.get("torch_dtype") == torch.bfloat16:
+            self.params, self.masters = cast_trainable_to_bf16(model)
+            LOG.info("fast_steps: %d LoRA tensors in bf16, fp32 masters in the optimizer",
+                     len(self.params))
+
+    def post_trainer_create(self, cfg, trainer):
+        if not self.params:
+            return
+        args = trainer.args
+        trainer.optimizer = MasterWeightAdamW(
+            self.params, self.masters, lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+            weight_decay=args.weight_decay)
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        callbacks = [FreezeGarbageCollector()] if option(cfg, "fast_steps_gc_freeze") else []
+        if self.params:
+            callbacks.append(RequireMasterWeightOptimizer())
+        return callbacks
