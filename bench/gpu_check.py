@@ -1,0 +1,1103 @@
+"""One check of the whole GPU path on the machine it runs on, with one JSON + Markdown summary.
+
+Usage:
+    make gpu-check                                     # = python -m bench.gpu_check
+    python -m bench.gpu_check [--recipe recipes/mistral-qlora.yml] [--model auto|DIR|HUB_ID]
+        [--out DIR | --out-root bench/results] [--work outputs/gpu-check] [--skip STAGE,...]
+        [--set KEY=YAML ...] [--launcher auto|axolotl|python] [--deadline-s SECONDS]
+        [--prep-args "..."] [--eval-args "..."] [--pytest-args "-m gpu"]
+
+What a user does after cloning, each stage a real subprocess running the user's own command,
+timed, with its peak GPU memory and its key figure:
+
+  data_prep          python -m data_prep --mode clean
+  model              the base model: --model DIR/HUB_ID; else the recipe's base_model when it is
+                     a local directory; else mistralai/Mistral-7B-v0.1 when HF_TOKEN is set and
+                     the hub grants access (downloaded once); else a random-init model of its
+                     exact shape (python -m bench.build_random_mistral; compute and memory do not
+                     depend on the weight values). The summary says which.
+  train_interrupted  axolotl train RECIPE, stopped with SIGTERM (to its process group, like
+                     Ctrl-C or a scheduler's kill) as soon as its first checkpoint is complete
+  train_resumed      the same command again: it must resume from that checkpoint and finish
+  train_reference    the same recipe uninterrupted, for comparison (on a second GPU when there
+                     is one, else beside the others on the same GPU); the summary reports the
+                     adapter's and the losses' differences between resumed and uninterrupted
+  evaluate           python -m eval RECIPE: perplexity + generations + report, one model load
+  merge              axolotl merge-lora RECIPE
+  merged_logits      the merged model's logits and loss vs base + adapter on held-out text
+  pytest             python -m pytest -m gpu
+
+The recipe is used as it is, except `base_model` (the model above), `output_dir` and
+`dataset_prepared_path` (under --work, so nothing of yours in outputs/ is touched) and --set.
+Training runs through `axolotl train` (or `python -m axolotl.cli.train` where the `accelerate`
+launcher is not installed as a command, e.g. packages installed with pip --target).
+
+Outputs: OUT/summary.json, OUT/summary.md, OUT/logs.txt (the end of every stage's log), and the
+run's perplexity.md and generations.md; OUT = --out, else OUT_ROOT/<date>-<gpu>/
+(OUT_ROOT = bench/results). Exit status 0 when every stage that ran is ok.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
+DEFAULT_WORK = Path("outputs/gpu-check")
+DEFAULT_OUT_ROOT = Path("bench/results")
+DEFAULT_RANDOM_MODEL = Path("models/mistral-7b-random")
+HUB_MODEL = "mistralai/Mistral-7B-v0.1"
+STAGES = ("data_prep", "model", "train_interrupted", "train_resumed", "train_reference",
+          "evaluate", "merge", "merged_logits", "pytest")
+TITLES = {
+    "data_prep": "data prep",
+    "model": "base model",
+    "train_interrupted": "train, killed after 1st checkpoint",
+    "train_resumed": "train again: resume",
+    "train_reference": "train uninterrupted (reference)",
+    "evaluate": "evaluate (perplexity + generate + report)",
+    "merge": "merge-lora",
+    "merged_logits": "merged model vs base + adapter",
+    "pytest": "pytest",
+}
+POLL_S = 0.5
+KILL_GRACE_S = 60
+LOG_TAIL_LINES = 60
+# Goals of the evaluation on one H100/H200 with the 4-bit 7B (shown next to the measurements).
+GOAL_GENERATE_S = 20
+GOAL_EVALUATE_S = 90
+MERGED_NLL_TOLERANCE = 0.01  # merged vs base + adapter: relative held-out loss difference
+MERGED_TOP1_MIN = 0.9
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+_SAY = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One progress line (the stages run in threads: one write each, never interleaved)."""
+    with _SAY:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    status: str = "pending"  # ok, failed, skipped, timeout
+    command: str | None = None
+    rc: int | None = None
+    start_s: float | None = None  # since the check started
+    wall_s: float | None = None
+    gpu: str | None = None
+    peak_gpu_mib: int | None = None  # this stage's processes (nvidia-smi per-process memory)
+    gpu_used_peak_mib: int | None = None  # the whole GPU while it ran (other stages included)
+    key: dict = field(default_factory=dict)
+    note: str = ""
+    log: str | None = None
+
+
+# --------------------------------------------------------------------------- GPU memory
+
+
+def nvidia_smi(*query: str) -> list[list[str]]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, *query, "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines()
+            if line.strip()]
+
+
+def gpu_inventory() -> list[dict]:
+    rows = nvidia_smi("--query-gpu=index,name,memory.total,driver_version")
+    return [{"index": r[0], "name": r[1], "memory_mib": int(float(r[2])), "driver": r[3]}
+            for r in rows if len(r) >= 4]
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[-1].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+class GpuMonitor:
+    """Polls nvidia-smi; the peak memory of each running stage's processes and of its GPU."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.running: dict[str, tuple[Stage, int]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+
+    def track(self, stage: Stage, pid: int):
+        with self.lock:
+            self.running[stage.name] = (stage, pid)
+
+    def untrack(self, stage: Stage):
+        with self.lock:
+            self.running.pop(stage.name, None)
+        self.sample()  # one last look is not possible after exit; keep what was seen
+
+    def sample(self):
+        if not self.enabled:
+            return
+        used = {r[0]: int(float(r[1])) for r in nvidia_smi("--query-gpu=index,memory.used")
+                if len(r) >= 2}
+        apps = nvidia_smi("--query-compute-apps=pid,used_memory")
+        with self.lock:
+            running = list(self.running.values())
+        for stage, pid in running:
+            pids = descendants(pid)
+            mine = sum(int(float(a[1])) for a in apps
+                       if len(a) >= 2 and a[0].isdigit() and int(a[0]) in pids)
+            if mine:
+                stage.peak_gpu_mib = max(stage.peak_gpu_mib or 0, mine)
+            for gpu in (stage.gpu or "").split(","):
+                if gpu in used:
+                    stage.gpu_used_peak_mib = max(stage.gpu_used_peak_mib or 0, used[gpu])
+
+    def _loop(self):
+        while not self.stop.wait(POLL_S):
+            with contextlib.suppress(Exception):
+                self.sample()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Check:
+    def __init__(self, args):
+        self.args = args
+        self.t0 = now()
+        self.deadline = self.t0 + args.deadline_s if args.deadline_s else None
+        self.work = (REPO / args.work).resolve() if not args.work.is_absolute() else args.work
+        self.logs = self.work / "logs"
+        self.stages = {name: Stage(name, TITLES[name]) for name in STAGES}
+        self.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        self.gpus = gpu_inventory()
+        self.monitor = GpuMonitor(enabled=bool(self.gpus))
+        self.done = {name: threading.Event() for name in STAGES}
+        self.model_ref: str | None = None
+        self.model_kind: str | None = None
+        self.recipe_cfg = yaml.safe_load((REPO / args.recipe).read_text(encoding="utf-8"))
+        self.overrides = parse_sets(args.set)
+        self.lane_a = self.gpus[0]["index"] if self.gpus else None
+        self.lane_b = self.gpus[1]["index"] if len(self.gpus) > 1 else self.lane_a
+        self.env_base = self._env()
+
+    # -- helpers
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env.update(AXOLOTL_DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false", NCCL_NVLS_ENABLE="0",
+                   TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+        return env
+
+    def env_for(self, gpu: str | None) -> dict:
+        env = dict(self.env_base)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        return env
+
+    def elapsed(self) -> float:
+        return now() - self.t0
+
+    def axolotl(self, verb: str, recipe: Path) -> list[str]:
+        module = {"train": "axolotl.cli.train", "merge-lora": "axolotl.cli.merge_lora"}[verb]
+        launcher = self.args.launcher
+        exe_dir = Path(sys.executable).parent
+        axolotl = exe_dir / "axolotl" if (exe_dir / "axolotl").exists() else shutil.which(
+            "axolotl")
+        accelerate = (exe_dir / "accelerate").exists() or shutil.which("accelerate")
+        if launcher == "auto":
+            launcher = "axolotl" if axolotl and accelerate else "python"
+        if launcher == "axolotl":
+            return [str(axolotl or "axolotl"), verb, str(recipe)]
+        return [sys.executable, "-m", module, str(recipe)]
+
+    def write_recipe(self, name: str) -> Path:
+        cfg = dict(self.recipe_cfg)
+        cfg.update(self.overrides)
+        cfg["base_model"] = self.model_ref
+        cfg["output_dir"] = str(self.work / name)
+        cfg["dataset_prepared_path"] = str(self.work / f"prepared-{name}")
+        path = self.work / "recipes" / f"{name}.yml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    def blocked(self, stage: Stage, *needs: str) -> bool:
+        """Mark `stage` skipped when it is skipped by the user, a stage it needs is not ok, or
+        the deadline has passed; True when it must not run."""
+        if stage.name in self.skip:
+            stage.status, stage.note = "skipped", "--skip"
+        elif bad := [n for n in needs if self.stages[n].status != "ok"]:
+            stage.status = "skipped"
+            stage.note = f"needs {', '.join(bad)} ({self.stages[bad[0]].status})"
+        elif self.deadline and now() >= self.deadline:
+            stage.status, stage.note = "skipped", "deadline reached"
+        else:
+            return False
+        return True
+
+    def run(self, stage: Stage, cmd: list[str], gpu: str | None, watch=None,
+            env: dict | None = None) -> int | None:
+        """Run `cmd` as the stage's process (own process group), logging to logs/NAME.log;
+        `watch()` returning True stops it with SIGTERM (status stays for the caller)."""
+        stage.command = shlex.join(cmd)
+        stage.gpu = gpu
+        stage.log = str(self.logs / f"{stage.name}.log")
+        stage.start_s = round(self.elapsed(), 1)
+        say(f"[gpu-check +{stage.start_s:.0f}s] {stage.name}: {stage.command}"
+            + (f"  (GPU {gpu})" if gpu is not None else ""))
+        start = now()
+        with open(stage.log, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env_for(gpu), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.monitor.track(stage, proc.pid)
+            try:
+                while proc.poll() is None:
+                    if watch is not None and watch():
+                        stage.rc = stop_group(proc, signal.SIGTERM)
+                        break
+                    if self.deadline and now() >= self.deadline:
+                        stop_group(proc, signal.SIGTERM)
+                        stage.status, stage.note = "timeout", "killed at the deadline"
+                        break
+                    time.sleep(POLL_S)
+                else:
+                    stage.rc = proc.returncode
+            finally:
+                if proc.poll() is None:
+                    stop_group(proc, signal.SIGKILL)
+                self.monitor.untrack(stage)
+        stage.wall_s = round(now() - start, 1)
+        if stage.status == "pending":
+            stage.status = "ok" if stage.rc == 0 else "failed"
+        if stage.status == "failed" and not stage.note:
+            stage.note = f"exit {stage.rc}: {last_error_line(Path(stage.log))}"
+        return stage.rc
+
+    def complete(self, name: str):
+        """The stage's final status is known: print it and let waiting stages go on."""
+        stage = self.stages[name]
+        wall = f" in {stage.wall_s:.0f} s" if stage.wall_s is not None else ""
+        note = f" ({stage.note})" if stage.note else ""
+        say(f"[gpu-check +{self.elapsed():.0f}s] {name}: {stage.status}{wall}{note}")
+        self.done[name].set()
+
+    # -- stages
+
+    def data_prep(self):
+        stage = self.stages["data_prep"]
+        if not self.blocked(stage):
+            cmd = [sys.executable, "-m", "data_prep", "--mode", "clean",
+                   *shlex.split(self.args.prep_args)]
+            self.run(stage, cmd, None)
+            stats = REPO / "data" / "prepared" / "clean" / "stats.json"
+            if stage.status == "ok" and stats.is_file():
+                stage.key = prep_figures(json.loads(stats.read_text()))
+        self.complete("data_prep")
+
+    def model(self):
+        stage = self.stages["model"]
+        if self.blocked(stage):
+            return self.complete(stage.name)
+        ref, kind, note = self.choose_model()
+        stage.note = note
+        if kind == "random-init":
+            out = Path(self.args.random_model_dir)
+            cmd = [sys.executable, "-m", "bench.build_random_mistral", "--out", str(out)]
+            if self.args.tokenizer_from:
+                cmd += ["--tokenizer-from", str(self.args.tokenizer_from)]
+            if not self.gpus:
+                cmd += ["--tiny", "--device", "cpu", "--dtype", "float32"]
+            self.run(stage, cmd, self.lane_a)
+            ref = str((REPO / out).resolve())
+        elif kind == "hub":
+            code = ("import sys; from huggingface_hub import snapshot_download; "
+                    "print(snapshot_download(sys.argv[1], allow_patterns=['*.json', "
+                    "'*.safetensors', 'tokenizer.model']))")
+            self.run(stage, [sys.executable, "-c", code, ref], None)
+        else:
+            stage.status, stage.wall_s, stage.start_s = "ok", 0.0, round(self.elapsed(), 1)
+        self.model_ref, self.model_kind = ref, kind
+        stage.key = {"model": ref, "kind": kind}
+        self.complete("model")
+
+    def choose_model(self) -> tuple[str, str, str]:
+        """(reference, kind, note): kind is 'given', 'hub' or 'random-init'."""
+        if self.args.model != "auto":
+            path = Path(self.args.model)
+            local = (REPO / path) if not path.is_absolute() else path
+            if local.is_dir():
+                return str(local.resolve()), "given", f"--model {self.args.model}"
+            return self.args.model, "hub", f"--model {self.args.model}"
+        base = str(self.recipe_cfg.get("base_model", ""))
+        if base and (REPO / base).is_dir():
+            return str((REPO / base).resolve()), "given", "the recipe's local base_model"
+        token = os.environ.get("HF_TOKEN")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if not token:
+            return "", "random-init", ("no HF_TOKEN: a random-init model of Mistral-7B-v0.1's "
+                                       "exact shape")
+        if offline:
+            return "", "random-init", ("HF_TOKEN is set but HF_HUB_OFFLINE=1: a random-init "
+                                       "model of Mistral-7B-v0.1's exact shape")
+        try:
+            from huggingface_hub import auth_check
+
+            auth_check(HUB_MODEL)
+        except Exception as err:  # noqa: BLE001 - any hub failure: say why, use the random one
+            from eval.errors import first_line_of, hub_problem
+
+            reason = hub_problem(err, HUB_MODEL) or first_line_of(err)
+            return "", "random-init", f"HF_TOKEN is set but the hub refused: {reason}"
+        return HUB_MODEL, "hub", f"{HUB_MODEL} from the Hugging Face hub (HF_TOKEN)"
+
+    def train_interrupted(self, recipe: Path):
+        stage = self.stages["train_interrupted"]
+        if self.blocked(stage, "data_prep", "model"):
+            return self.complete(stage.name)
+        out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        found: dict = {}
+
+        def first_checkpoint() -> bool:
+            for checkpoint in sorted(out.glob("checkpoint-*")):
+                state = checkpoint / "trainer_state.json"
+                with contextlib.suppress(OSError, ValueError):
+                    step = json.loads(state.read_text())["global_step"]
+                    found.update(checkpoint=checkpoint, step=step, at_s=self.elapsed())
+                    return True
+            return False
+
+        self.run(stage, self.axolotl("train", recipe), self.lane_a, watch=first_checkpoint)
+        if found and stage.status != "timeout":
+            stage.key = {"checkpoint": found["checkpoint"].name, "step": found["step"],
+                         "killed_at_s": round(found["at_s"] - stage.start_s, 1),
+                         "exit": stage.rc, "signal": "SIGTERM"}
+            if stage.rc == 0:  # it finished before the signal landed: nothing to resume
+                stage.status, stage.note = "failed", "finished before it could be stopped"
+            else:  # stopped by our SIGTERM (-15, or accelerate's exit status for it)
+                stage.status, stage.note = "ok", ""
+        elif stage.status == "ok":
+            stage.status, stage.note = "failed", "finished without writing any checkpoint"
+        self.complete("train_interrupted")
+
+    def train_resumed(self, recipe: Path):
+        stage = self.stages["train_resumed"]
+        if self.blocked(stage, "train_interrupted"):
+            return self.complete(stage.name)
+        self.run(stage, self.axolotl("train", recipe), self.lane_a)
+        checkpoint = self.stages["train_interrupted"].key.get("checkpoint")
+        out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        log = Path(stage.log).read_text(errors="replace")
+        resumed = re.search(r"resume from checkpoint at (\S*checkpoint-(\d+))", log)
+        stage.key = train_figures(out)
+        stage.key["resumed_from_step"] = int(resumed[2]) if resumed else None
+        if stage.status == "ok":
+            problems = []
+            if not resumed or not resumed[1].endswith(checkpoint):
+                problems.append(f"no 'resume from checkpoint at …/{checkpoint}' in its log")
+            state = stage.key
+            if state.get("global_step") != state.get("max_steps"):
+                problems.append(f"stopped at step {state.get('global_step')} of "
+                                f"{state.get('max_steps')}")
+            if state.get("steps_logged_twice"):
+                problems.append(f"steps logged twice: {state['steps_logged_twice']}")
+            if not (out / "adapter_model.safetensors").is_file():
+                problems.append("no final adapter_model.safetensors")
+            if problems:
+                stage.status, stage.note = "failed", "; ".join(problems)
+        self.complete("train_resumed")
+
+    def train_reference(self, recipe: Path):
+        stage = self.stages["train_reference"]
+        if not self.blocked(stage, "data_prep", "model"):
+            self.run(stage, self.axolotl("train", recipe), self.lane_b)
+            stage.key = train_figures(Path(yaml.safe_load(recipe.read_text())["output_dir"]))
+        self.complete("train_reference")
+
+    def evaluate(self, recipe: Path):
+        stage = self.stages["evaluate"]
+        if not self.blocked(stage, "train_resumed"):
+            cmd = [sys.executable, "-m", "eval", str(recipe), "--no-progress",
+                   *shlex.split(self.args.eval_args)]
+            self.run(stage, cmd, self.lane_a)
+            run_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+            summary = run_dir / "eval" / "evaluation.json"
+            if summary.is_file():
+                stage.key = eval_figures(json.loads(summary.read_text()), stage.wall_s)
+        self.complete("evaluate")
+
+    def merge(self, recipe: Path):
+        stage = self.stages["merge"]
+        if not self.blocked(stage, "train_resumed"):
+            self.run(stage, self.axolotl("merge-lora", recipe), self.lane_b)
+            merged = Path(yaml.safe_load(recipe.read_text())["output_dir"]) / "merged"
+            weights = list(merged.glob("*.safetensors"))
+            if stage.status == "ok" and not weights:
+                stage.status, stage.note = "failed", f"no *.safetensors in {merged}"
+            stage.key = {"merged_dir": str(merged),
+                         "size_gb": round(sum(w.stat().st_size for w in weights) / 1e9, 2)}
+        self.complete("merge")
+
+    def merged_logits(self, recipe: Path):
+        stage = self.stages["merged_logits"]
+        if not self.blocked(stage, "merge"):
+            cfg = yaml.safe_load(recipe.read_text())
+            run_dir = Path(cfg["output_dir"])
+            held_out = (cfg.get("test_datasets") or [{}])[0].get("path",
+                                                                 "data/prepared/clean/eval.jsonl")
+            result = self.work / "merged-logits.json"
+            cmd = [sys.executable, "-m", "bench.gpu_check", "compare-merged",
+                   "--model", self.model_ref, "--run", str(run_dir),
+                   "--merged", str(run_dir / "merged"), "--data", str(held_out),
+                   "--json", str(result)]
+            if cfg.get("load_in_4bit"):
+                cmd.append("--load-in-4bit")
+            self.run(stage, cmd, self.lane_b)
+            if result.is_file():
+                stage.key = json.loads(result.read_text())
+                if stage.status == "ok" and not stage.key.get("ok"):
+                    stage.status, stage.note = "failed", stage.key.get("verdict", "")
+        self.complete("merged_logits")
+
+    def pytest(self):
+        stage = self.stages["pytest"]
+        if not self.blocked(stage):
+            junit = self.work / "pytest.xml"
+            selection = shlex.split(self.args.pytest_args)
+            if not any((REPO / a).exists() for a in selection if not a.startswith("-")):
+                selection += gpu_test_files()  # collect only where GPU tests live
+            cmd = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
+                   f"--junitxml={junit}"]
+            self.run(stage, cmd, self.lane_a)
+            stage.key = junit_counts(junit)
+            if stage.key.get("tests", 0) == 0:
+                stage.status, stage.note = "failed", "no test ran"
+        self.complete("pytest")
+
+    # -- orchestration
+
+    def lane_a_work(self, run_recipe: Path):
+        self.train_interrupted(run_recipe)
+        self.train_resumed(run_recipe)
+        self.evaluate(run_recipe)
+        self.pytest()
+
+    def lane_b_work(self, run_recipe: Path, reference_recipe: Path):
+        self.train_reference(reference_recipe)
+        self.done["train_resumed"].wait()
+        if self.lane_b == self.lane_a:  # one GPU (or none): keep the evaluation's timing clean
+            self.done["evaluate"].wait()
+        self.merge(run_recipe)
+        self.merged_logits(run_recipe)
+
+    def prepare_work(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        for name in ("run", "reference", "prepared-run", "prepared-reference", "logs",
+                     "recipes"):
+            shutil.rmtree(self.work / name, ignore_errors=True)
+        for name in ("pytest.xml", "merged-logits.json"):
+            (self.work / name).unlink(missing_ok=True)
+        self.logs.mkdir(parents=True)
+
+    def execute(self) -> dict:
+        self.prepare_work()
+        with self.monitor:
+            setup = [threading.Thread(target=self.data_prep), threading.Thread(target=self.model)]
+            for thread in setup:
+                thread.start()
+            for thread in setup:
+                thread.join()
+            if self.model_ref:
+                run_recipe = self.write_recipe("run")
+                reference_recipe = self.write_recipe("reference")
+            else:
+                run_recipe = reference_recipe = self.work / "recipes" / "missing.yml"
+            lanes = [threading.Thread(target=self.lane_a_work, args=(run_recipe,)),
+                     threading.Thread(target=self.lane_b_work,
+                                      args=(run_recipe, reference_recipe))]
+            for thread in lanes:
+                thread.start()
+            for thread in lanes:
+                thread.join()
+        comparison = None
+        if self.stages["train_resumed"].status == "ok" and \
+                self.stages["train_reference"].status == "ok":
+            comparison = compare_runs(self.work / "run", self.work / "reference")
+        return self.summary(comparison)
+
+    def summary(self, comparison: dict | None) -> dict:
+        ran = [s for s in self.stages.values() if s.status != "skipped" or s.note != "--skip"]
+        ok = all(s.status == "ok" for s in ran)
+        return {
+            "schema_version": 1,
+            "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+            "ok": ok,
+            "wall_s": round(self.elapsed(), 1),
+            "recipe": str(self.args.recipe),
+            "overrides": self.overrides,
+            "model": {"ref": self.model_ref, "kind": self.model_kind,
+                      "note": self.stages["model"].note},
+            "machine": machine_info(self.gpus),
+            "lanes": {"a": self.lane_a, "b": self.lane_b},
+            "stages": [asdict(s) for s in self.stages.values()],
+            "resume_vs_uninterrupted": comparison,
+            "goals": {"generate_s": GOAL_GENERATE_S, "evaluate_s": GOAL_EVALUATE_S},
+        }
+
+
+def gpu_test_files() -> list[str]:
+    """The test files that hold `gpu`-marked tests (so that collecting the rest, which may
+    import packages a bare GPU image lacks, cannot fail the GPU run)."""
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                  if re.search(r"mark\.gpu\b", p.read_text(errors="replace")))
+
+
+def stop_group(proc: subprocess.Popen, sig: int) -> int | None:
+    """Signal the process group; wait for it (SIGKILL after KILL_GRACE_S)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def last_error_line(log: Path) -> str:
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+                 if line.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if re.match(r"^(\S+: )?error\b|^\w*(Error|Exception)\b", line):
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def parse_sets(items: list[str]) -> dict:
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"gpu_check: error: --set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def prep_figures(stats: dict) -> dict:
+    figures = {}
+    for split in ("train", "eval"):
+        part = stats.get(split) or {}
+        for key in ("rows", "n_rows"):
+            if key in part:
+                figures[f"{split}_rows"] = part[key]
+        for key in ("tokens", "n_tokens"):
+            if key in part:
+                figures[f"{split}_tokens"] = part[key]
+    return figures
+
+
+def train_rows(state: dict) -> tuple[dict[int, dict], list[int]]:
+    rows, twice = {}, []
+    for entry in state.get("log_history", []):
+        if "loss" in entry and "step" in entry:
+            if entry["step"] in rows:
+                twice.append(entry["step"])
+            rows[entry["step"]] = entry
+    return rows, twice
+
+
+def train_figures(output_dir: Path) -> dict:
+    from eval.report import find_trainer_state
+
+    try:
+        found = find_trainer_state(output_dir)
+    except Exception as err:  # noqa: BLE001 - a broken state is reported, not raised
+        return {"error": str(err)[:200]}
+    if not found:
+        return {}
+    state = found[1]
+    rows, twice = train_rows(state)
+    history = state.get("log_history", [])
+    evals = [e for e in history if "eval_loss" in e]
+    rates = [r["tokens/train_per_sec_per_gpu"] for r in rows.values()
+             if isinstance(r.get("tokens/train_per_sec_per_gpu"), int | float)]
+    final = next((e for e in reversed(history) if "train_runtime" in e), {})
+    figures = {
+        "global_step": state.get("global_step"),
+        "max_steps": state.get("max_steps"),
+        "final_loss": rows[max(rows)]["loss"] if rows else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
+        "train_runtime_s": final.get("train_runtime"),
+    }
+    if twice:
+        figures["steps_logged_twice"] = twice
+    return figures
+
+
+def compare_runs(resumed: Path, reference: Path) -> dict:
+    """Adapter and per-step loss differences of the resumed run against the uninterrupted one."""
+    from eval.report import find_trainer_state
+
+    result: dict = {}
+    got, want = find_trainer_state(resumed), find_trainer_state(reference)
+    if got and want:
+        rows_got, _ = train_rows(got[1])
+        rows_want, _ = train_rows(want[1])
+        common = sorted(set(rows_got) & set(rows_want))
+        diffs = {s: abs(rows_got[s]["loss"] - rows_want[s]["loss"]) for s in common}
+        evals_got = {e["step"]: e["eval_loss"] for e in got[1]["log_history"] if "eval_loss" in e}
+        evals_want = {e["step"]: e["eval_loss"] for e in want[1]["log_history"]
+                      if "eval_loss" in e}
+        eval_common = sorted(set(evals_got) & set(evals_want))
+        result.update({
+            "steps_compared": len(common),
+            "loss_max_abs_diff": max(diffs.values()) if diffs else None,
+            "loss_max_abs_diff_step": max(diffs, key=diffs.get) if diffs else None,
+            "final_loss": {"resumed": rows_got[common[-1]]["loss"] if common else None,
+                           "uninterrupted": rows_want[common[-1]]["loss"] if common else None},
+            "final_eval_loss": {
+                "resumed": evals_got[eval_common[-1]] if eval_common else None,
+                "uninterrupted": evals_want[eval_common[-1]] if eval_common else None},
+            "per_step_abs_diff": {str(s): diffs[s] for s in common},
+        })
+    a, b = resumed / "adapter_model.safetensors", reference / "adapter_model.safetensors"
+    if a.is_file() and b.is_file():
+        from safetensors.torch import load_file
+
+        ta, tb = load_file(str(a)), load_file(str(b))
+        if ta.keys() == tb.keys():
+            max_diff = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+            scale = max(float(tb[k].float().abs().max()) for k in tb)
+            result["adapter_max_abs_diff"] = max_diff
+            result["adapter_max_abs"] = scale
+            result["adapter_max_rel_diff"] = max_diff / scale if scale else None
+        else:
+            result["adapter_keys_differ"] = sorted(set(ta) ^ set(tb))[:10]
+    return result
+
+
+def eval_figures(summary: dict, wall_s: float | None) -> dict:
+    seconds = summary.get("seconds", {})
+    gen = summary.get("generation") or {}
+    ppl = summary.get("held_out_corpus_ppl") or {}
+    return {
+        "wall_s": wall_s,
+        "load_s": seconds.get("load"),
+        "perplexity_s": seconds.get("perplexity"),
+        "generate_s": gen.get("seconds"),
+        "generated_tokens": gen.get("new_tokens"),
+        "generated_tokens_per_s": gen.get("tokens_per_s"),
+        "report_s": seconds.get("report"),
+        "held_out_ppl_base": ppl.get("base"),
+        "held_out_ppl_adapter": ppl.get("adapter"),
+    }
+
+
+def junit_counts(path: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
+    if not path.is_file():
+        return {}
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites)
+              for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed_tests"] = [
+        f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None][:20]
+    return counts
+
+
+def machine_info(gpus: list[dict]) -> dict:
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    return {
+        "gpus": gpus,
+        "python": sys.version.split()[0],
+        "packages": {n: version(n) for n in ("torch", "transformers", "peft", "accelerate",
+                                             "axolotl", "bitsandbytes", "datasets", "trl",
+                                             "liger-kernel", "huggingface-hub")},
+        "cpus": os.cpu_count(),
+        "commit": commit,
+    }
+
+
+def gpu_slug(gpus: list[dict]) -> str:
+    if not gpus:
+        return "cpu"
+    name = re.sub(r"[^a-z0-9]+", "-", gpus[0]["name"].lower()).strip("-")
+    return f"{len(gpus)}x-{name}" if len(gpus) > 1 else name
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def _fmt(value, digits=1, suffix=""):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{suffix}"
+    return f"{value:,}{suffix}" if isinstance(value, int) else f"{value}{suffix}"
+
+
+def key_figure(stage: dict, summary: dict) -> str:
+    k = stage["key"]
+    name = stage["name"]
+    if name == "data_prep" and k:
+        return (f"train {_fmt(k.get('train_rows'))} rows / {_fmt(k.get('train_tokens'))} tokens, "
+                f"eval {_fmt(k.get('eval_rows'))} / {_fmt(k.get('eval_tokens'))}")
+    if name == "model" and k:
+        return f"{k.get('kind')}: `{k.get('model')}`"
+    if name == "train_interrupted" and k:
+        return (f"{k['checkpoint']} complete {k['killed_at_s']} s after start, then SIGTERM "
+                f"(exit {k['exit']})")
+    if name in ("train_resumed", "train_reference") and k:
+        text = ""
+        if name == "train_resumed":
+            text = f"resumed from step {_fmt(k.get('resumed_from_step'))}, "
+        return (text + f"step {_fmt(k.get('global_step'))}/{_fmt(k.get('max_steps'))}, final "
+                f"loss {_fmt(k.get('final_loss'), 4)}, eval loss {_fmt(k.get('final_eval_loss'), 4)}"
+                f", {_fmt(k.get('tokens_per_s_median'), 0)} tok/s (median step)")
+    if name == "evaluate" and k:
+        return (f"held-out ppl {_fmt(k.get('held_out_ppl_base'), 2)} → "
+                f"{_fmt(k.get('held_out_ppl_adapter'), 2)}; load {_fmt(k.get('load_s'))} s, "
+                f"perplexity {_fmt(k.get('perplexity_s'))} s, generate "
+                f"{_fmt(k.get('generate_s'))} s ({_fmt(k.get('generated_tokens'))} tokens, "
+                f"{_fmt(k.get('generated_tokens_per_s'), 0)} tok/s), report "
+                f"{_fmt(k.get('report_s'))} s")
+    if name == "merge" and k:
+        return f"{_fmt(k.get('size_gb'), 2)} GB written"
+    if name == "merged_logits" and k:
+        return (f"held-out loss {_fmt(k.get('nll_merged'), 4)} vs {_fmt(k.get('nll_adapter'), 4)}"
+                f" ({_fmt(k.get('nll_rel_diff_pct'), 3)} %), top-1 agree "
+                f"{_fmt(k.get('top1_agreement'), 4)}, max |Δlogit| "
+                f"{_fmt(k.get('max_abs_logit_diff'), 4)} (adapter's own effect "
+                f"{_fmt(k.get('adapter_effect_max_abs'), 3)})")
+    if name == "pytest" and k:
+        return (f"{k.get('passed', 0)} passed, {k.get('failures', 0) + k.get('errors', 0)} "
+                f"failed, {k.get('skipped', 0)} skipped")
+    return ""
+
+
+def render_summary(summary: dict) -> str:
+    machine = summary["machine"]
+    gpus = machine["gpus"]
+    gpu_text = (", ".join(f"GPU {g['index']} {g['name']} ({g['memory_mib']:,} MiB)" for g in gpus)
+                + f", driver {gpus[0]['driver']}") if gpus else "no NVIDIA GPU (CPU run)"
+    packages = ", ".join(f"{n} {v}" for n, v in machine["packages"].items() if v)
+    model = summary["model"]
+    lines = [
+        f"# GPU check: {'all stages ok' if summary['ok'] else 'FAILED'}",
+        "",
+        f"- {summary['date']}, {summary['wall_s']:.0f} s in all; commit "
+        f"{machine['commit'] or 'n/a'}; {gpu_text}; {machine['cpus']} CPUs",
+        f"- recipe `{summary['recipe']}`"
+        + (f" with {json.dumps(summary['overrides'])}" if summary["overrides"] else "")
+        + f"; model: **{model['kind']}** `{model['ref']}` ({model['note']})",
+        f"- Python {machine['python']}; {packages}",
+        f"- GPU lanes: interrupted/resumed run, evaluation, pytest on GPU {summary['lanes']['a']};"
+        f" uninterrupted run, merge, merged check on GPU {summary['lanes']['b']}",
+        "",
+        "| stage | status | wall | peak GPU memory | key figure |",
+        "|---|---|---|---|---|",
+    ]
+    for stage in summary["stages"]:
+        mem = stage["peak_gpu_mib"] or stage["gpu_used_peak_mib"]
+        mem_text = "n/a" if not mem else f"{mem / 1024:.1f} GiB" + (
+            "" if stage["peak_gpu_mib"] else " (whole GPU)")
+        status = stage["status"] + (f": {stage['note']}" if stage["note"] and
+                                    stage["status"] != "ok" else "")
+        lines.append(f"| {stage['title']} | {status} | {_fmt(stage['wall_s'], 0, ' s')} | "
+                     f"{mem_text} | {key_figure(stage, summary).replace('|', '/')} |")
+    comparison = summary.get("resume_vs_uninterrupted")
+    if comparison:
+        final = comparison.get("final_loss", {})
+        final_eval = comparison.get("final_eval_loss", {})
+        lines += [
+            "",
+            "## Resumed vs uninterrupted",
+            "",
+            f"- training loss over {comparison.get('steps_compared')} common steps: max |Δ| "
+            f"{_fmt(comparison.get('loss_max_abs_diff'), 6)} (step "
+            f"{comparison.get('loss_max_abs_diff_step')}); final "
+            f"{_fmt(final.get('resumed'), 4)} vs {_fmt(final.get('uninterrupted'), 4)}",
+            f"- final eval loss {_fmt(final_eval.get('resumed'), 4)} vs "
+            f"{_fmt(final_eval.get('uninterrupted'), 4)}",
+            f"- final adapter: max |Δ| {_fmt(comparison.get('adapter_max_abs_diff'), 6)} (largest "
+            f"weight {_fmt(comparison.get('adapter_max_abs'), 4)}, relative "
+            f"{_fmt(comparison.get('adapter_max_rel_diff'), 6)})",
+        ]
+    ev = next(s for s in summary["stages"] if s["name"] == "evaluate")
+    if ev["key"]:
+        k = ev["key"]
+        lines += [
+            "",
+            "## Evaluation time",
+            "",
+            f"- `python -m eval RECIPE` (loading included): {_fmt(ev['wall_s'], 0)} s "
+            f"(goal ≤ {summary['goals']['evaluate_s']} s on one H100/H200 with the 4-bit 7B)",
+            f"- generation of the default set: {_fmt(k.get('generate_s'))} s, "
+            f"{_fmt(k.get('generated_tokens_per_s'), 0)} generated tokens/s (goal ≤ "
+            f"{summary['goals']['generate_s']} s after loading)",
+        ]
+    lines += ["", "Commands (stage logs: `logs.txt`):", ""]
+    lines += [f"- {s['name']}: `{s['command']}`" for s in summary["stages"] if s["command"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(summary: dict, out: Path, work: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "summary.json": json.dumps(summary, indent=2) + "\n",
+        "summary.md": render_summary(summary),
+    }
+    tails = []
+    for stage in summary["stages"]:
+        if stage["log"] and Path(stage["log"]).is_file():
+            lines = Path(stage["log"]).read_text(errors="replace").splitlines()
+            tails.append(f"===== {stage['name']} ({stage['status']}): {stage['command']}\n"
+                         + "\n".join(lines[-LOG_TAIL_LINES:]))
+    files["logs.txt"] = "\n\n".join(tails) + "\n"
+    for name in ("perplexity.md", "generations.md"):
+        source = work / "run" / "eval" / name
+        if source.is_file():
+            files[name] = source.read_text()
+    written = []
+    for name, text in files.items():
+        (out / name).write_text(text)
+        written.append(out / name)
+    return written
+
+
+# --------------------------------------------------------------------------- merged vs adapter
+
+
+def compare_merged(argv) -> int:
+    """Held-out logits of the merged model against base + adapter (the model evaluated)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check compare-merged")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--run", type=Path, required=True, help="the adapter's run directory")
+    parser.add_argument("--merged", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eval.common import (
+        base_model_context,
+        encode,
+        load_model,
+        load_tokenizer,
+        quiet_library_logs,
+        read_texts,
+        resolve_device,
+    )
+
+    quiet_library_logs()
+    device, dtype = resolve_device(args.load_in_4bit)
+    tok = load_tokenizer(args.model)
+    rows = [ids[: args.max_tokens] for ids in
+            encode(tok, read_texts(args.data)[: args.rows])[0] if len(ids) > 1]
+
+    def logits_of(model) -> list:
+        out = []
+        with torch.inference_mode():
+            for ids in rows:
+                x = torch.tensor([ids], device=device)
+                out.append(model(input_ids=x).logits[0].float().cpu())
+        return out
+
+    started = time.perf_counter()
+    model = load_model(args.model, args.run, load_in_4bit=args.load_in_4bit)
+    adapter = logits_of(model)
+    with base_model_context(model):
+        base = logits_of(model)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    merged_model = AutoModelForCausalLM.from_pretrained(str(args.merged), dtype=dtype).to(device)
+    merged_model.eval()
+    merged = logits_of(merged_model)
+
+    def nll(logits_list) -> float:
+        total, count = 0.0, 0
+        for logits, ids in zip(logits_list, rows, strict=True):
+            target = torch.tensor(ids[1:])
+            total += float(torch.nn.functional.cross_entropy(logits[:-1], target,
+                                                             reduction="sum"))
+            count += len(ids) - 1
+        return total / count
+
+    diff = torch.cat([(m - a).abs().flatten() for m, a in zip(merged, adapter, strict=True)])
+    effect = torch.cat([(a - b).abs().flatten() for a, b in zip(adapter, base, strict=True)])
+    agree = torch.cat([(m.argmax(-1) == a.argmax(-1)) for m, a in zip(merged, adapter,
+                                                                      strict=True)])
+    nll_merged, nll_adapter, nll_base = nll(merged), nll(adapter), nll(base)
+    rel = abs(nll_merged - nll_adapter) / nll_adapter
+    top1 = float(agree.float().mean())
+    ok = rel <= MERGED_NLL_TOLERANCE and top1 >= MERGED_TOP1_MIN
+    result = {
+        "rows": len(rows), "tokens": sum(len(r) for r in rows),
+        "base_as_evaluated": "nf4 (4-bit) + adapter" if args.load_in_4bit else
+        f"{str(dtype).removeprefix('torch.')} + adapter",
+        "merged_dtype": str(dtype).removeprefix("torch."),
+        "nll_merged": nll_merged, "nll_adapter": nll_adapter, "nll_base": nll_base,
+        "nll_rel_diff_pct": 100 * rel,
+        "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+        "adapter_effect_max_abs": float(effect.max()),
+        "adapter_effect_mean_abs": float(effect.mean()),
+        "top1_agreement": top1,
+        "seconds": round(time.perf_counter() - started, 1),
+        "ok": ok,
+        "verdict": (f"merged model matches base + adapter: held-out loss within "
+                    f"{100 * MERGED_NLL_TOLERANCE:g} %, top-1 agreement ≥ {MERGED_TOP1_MIN}")
+        if ok else (f"merged model differs from base + adapter: held-out loss "
+                    f"{nll_merged:.4f} vs {nll_adapter:.4f}, top-1 agreement {top1:.3f}"),
+    }
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--model", default="auto",
+                        help="base model: a directory or hub id (default auto: see above)")
+    parser.add_argument("--random-model-dir", type=Path, default=DEFAULT_RANDOM_MODEL,
+                        help="where the random-init model is built (kept for the next run)")
+    parser.add_argument("--tokenizer-from", type=Path,
+                        help="tokenizer files for the random-init model (default: the "
+                        "mistral-common package)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="runs, merged model and logs (its run folders are replaced)")
+    parser.add_argument("--out", type=Path, help="summary directory (default OUT_ROOT/<date>-<gpu>)")
+    parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT_ROOT)
+    parser.add_argument("--skip", default="", help=f"comma-separated stages: {', '.join(STAGES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a recipe key for every run (e.g. max_steps=6)")
+    parser.add_argument("--launcher", choices=("auto", "axolotl", "python"), default="auto",
+                        help="`axolotl train` (auto: when the accelerate command exists) or "
+                        "`python -m axolotl.cli.train`")
+    parser.add_argument("--deadline-s", type=float,
+                        help="stop starting stages, and kill running ones, this many seconds "
+                        "after the start (the summary is still written)")
+    parser.add_argument("--prep-args", default="", help="extra data_prep arguments")
+    parser.add_argument("--eval-args", default="", help="extra `python -m eval` arguments")
+    parser.add_argument("--pytest-args", default="-m gpu", help="pytest selection")
+    args = parser.parse_args(argv)
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - set(STAGES)
+    if unknown:
+        parser.error(f"--skip: unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    if not (REPO / args.recipe).is_file():
+        parser.error(f"--recipe {args.recipe}: not found (run from the repository root)")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare-merged"]:
+        return compare_merged(argv[1:])
+    args = parse_args(argv)
+    os.chdir(REPO)  # recipes and data paths are relative to the repository root
+    check = Check(args)
+    summary = check.execute()
+    day = dt.date.today().isoformat()
+    out = args.out or args.out_root / f"{day}-{gpu_slug(check.gpus)}"
+    written = write_outputs(summary, out, check.work)
+    print(render_summary(summary))
+    for path in written:
+        print(f"wrote {path}")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""bench/gpu_check.py: the GPU owner's one command, run for real on the CPU with the tiny model.
+
+The slow test runs the whole orchestration with real subprocesses: data_prep, `axolotl train`
+killed with SIGTERM after its first checkpoint and run again (it must resume and finish), the
+uninterrupted reference run beside it, `python -m eval`, `axolotl merge-lora`, the merged model
+against base + adapter, and pytest, then reads the summary it wrote. On a CPU the resumed run
+must equal the uninterrupted one exactly, and the merged model base + adapter. Evaluation during
+training is turned off (--set) to keep it to a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, book_csv_args
+from test_eval_errors import HUB_ANSWERS, FakeHub
+
+from bench.gpu_check import STAGES, gpu_slug, junit_counts, render_summary
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--recipe", "recipes/tiny-mistral-cpu.yml",
+           "--model", str(tiny_model), "--work", str(tmp_path / "work"), "--out", str(out),
+           "--set", "max_steps=6", "--set", "save_steps=3", "--set", "eval_steps=null",
+           "--set", "eval_strategy='no'", "--prep-args", " ".join(book_csv_args()),
+           "--eval-args", "--max-new-tokens 8 --max-rows 4 --no-control",
+           "--pytest-args", "tests/test_eval_generate.py -k trailing_space"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    summary_file = out / "summary.json"
+    assert summary_file.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    logs = (out / "logs.txt").read_text()
+    assert list(stages) == list(STAGES)
+    assert all(s["status"] == "ok" for s in stages.values()), (
+        {n: (s["status"], s["note"]) for n, s in stages.items()}, logs[-5000:])
+    assert proc.returncode == 0 and summary["ok"]
+
+    # killed right after its first checkpoint, then resumed from exactly that one and finished
+    killed = stages["train_interrupted"]
+    assert killed["key"]["checkpoint"] == "checkpoint-3" and killed["key"]["exit"] != 0
+    resumed = stages["train_resumed"]["key"]
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["global_step"] == resumed["max_steps"] == 6
+    assert stages["train_resumed"]["command"] == killed["command"]  # the very same command
+    # on a CPU the resumed run is the uninterrupted one, bit for bit
+    comparison = summary["resume_vs_uninterrupted"]
+    assert comparison["steps_compared"] == 6
+    assert comparison["loss_max_abs_diff"] == pytest.approx(0, abs=1e-6)
+    assert comparison["adapter_max_abs_diff"] == pytest.approx(0, abs=1e-6)
+
+    evaluate = stages["evaluate"]["key"]
+    assert evaluate["generated_tokens_per_s"] > 0 and evaluate["load_s"] > 0
+    assert evaluate["held_out_ppl_adapter"] < evaluate["held_out_ppl_base"]
+    merged = stages["merged_logits"]["key"]
+    assert merged["ok"] and merged["nll_rel_diff_pct"] < 1e-3 and merged["top1_agreement"] == 1
+    assert merged["adapter_effect_max_abs"] > 100 * merged["max_abs_logit_diff"]
+    assert stages["merge"]["key"]["size_gb"] > 0
+    assert stages["pytest"]["key"]["passed"] == 1 and stages["pytest"]["key"]["failures"] == 0
+    assert summary["model"]["kind"] == "given" and summary["machine"]["gpus"] == []
+
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# GPU check: all stages ok")
+    for stage in stages.values():
+        assert f"| {stage['title']} | ok |" in md
+    assert "## Resumed vs uninterrupted" in md and "## Evaluation time" in md
+    assert (out / "generations.md").is_file() and (out / "perplexity.md").is_file()
+    assert "===== train_interrupted" in logs
+
+
+def test_without_a_usable_hub_token_the_random_init_model_is_built_and_said(tmp_path):
+    """HF_TOKEN set, but the (local stand-in) hub refuses the gated model: the check says why
+    in one line and builds the random-init model of the same shape (tiny here: no GPU)."""
+    out = tmp_path / "out"
+    with FakeHub(HUB_ANSWERS["gated, no access"]) as hub:
+        env = {**os.environ, "HF_TOKEN": "hf_FAKEtokenForTheLocalStandInHub0123",
+               "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
+               "HF_HOME": str(tmp_path / "hf-home")}
+        skip = ",".join(s for s in STAGES if s != "model")
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_check", "--skip", skip, "--work",
+             str(tmp_path / "work"), "--random-model-dir", str(tmp_path / "random"),
+             "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    model = summary["model"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert model["kind"] == "random-init" and model["ref"] == str(tmp_path / "random")
+    assert model["note"].startswith("HF_TOKEN is set but the hub refused: model "
+                                    "mistralai/Mistral-7B-v0.1 is gated")
+    assert (tmp_path / "random" / "config.json").is_file()
+    assert "hf_FAKE" not in (out / "summary.json").read_text() + (out / "summary.md").read_text()
+    assert "**random-init**" in (out / "summary.md").read_text()
+
+
+def test_summary_helpers():
+    assert gpu_slug([]) == "cpu"
+    assert gpu_slug([{"name": "NVIDIA H200"}]) == "nvidia-h200"
+    assert gpu_slug([{"name": "NVIDIA H200"}] * 2) == "2x-nvidia-h200"
+
+
+def test_pytest_counts_come_from_its_junit_report(tmp_path):
+    tests = tmp_path / "test_tiny.py"
+    tests.write_text("import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 0\n"
+                     "\n@pytest.mark.skip\ndef test_skipped():\n    pass\n")
+    junit = tmp_path / "junit.xml"
+    subprocess.run([sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={junit}", "--rootdir", str(tmp_path), "-c", os.devnull],
+                   cwd=tmp_path, capture_output=True, timeout=120)
+    counts = junit_counts(junit)
+    assert (counts["tests"], counts["passed"], counts["failures"], counts["skipped"]) == (
+        3, 1, 1, 1)
+    assert counts["failed_tests"] == ["test_tiny::test_bad"]
+
+
+def test_render_summary_of_a_failed_stage():
+    stage = {"name": "merge", "title": "merge-lora", "status": "failed", "note": "exit 1: boom",
+             "wall_s": 3.0, "peak_gpu_mib": None, "gpu_used_peak_mib": 2048, "key": {},
+             "command": "axolotl merge-lora r.yml", "log": None}
+    summary = {"ok": False, "date": "2026-11-30", "wall_s": 10.0, "recipe": "r.yml",
+               "overrides": {}, "model": {"kind": "random-init", "ref": "m", "note": "n"},
+               "machine": {"gpus": [{"index": "0", "name": "NVIDIA H200", "memory_mib": 143771,
+                                     "driver": "580"}], "python": "3.12", "packages": {},
+                           "cpus": 16, "commit": None},
+               "lanes": {"a": "0", "b": "0"}, "stages": [stage, {**stage, "name": "evaluate",
+                                                                 "status": "skipped"}],
+               "resume_vs_uninterrupted": None, "goals": {"generate_s": 20, "evaluate_s": 90}}
+    md = render_summary(summary)
+    assert md.startswith("# GPU check: FAILED")
+    assert "| merge-lora | failed: exit 1: boom | 3 s | 2.0 GiB (whole GPU) |" in md
