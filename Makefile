@@ -31,6 +31,7 @@ help:
 	@echo "make demo-tiny - the pipeline on a 4 M-param random-init Mistral (about 2 minutes)"
 	@echo "make test-docker - build the Docker image, run the compose services on CPU (root + podman)"
 	@echo "make lint   - ruff"
+	@echo "make gpu-check - on an NVIDIA GPU box: the whole GPU path, one summary (docs/gpu-check.md)"
 
 setup: $(STAMP)
 
@@ -63,6 +64,13 @@ test: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# The whole GPU path on this machine, one JSON + Markdown summary (docs/gpu-check.md). With
+# HF_TOKEN set the hub is used (the real Mistral-7B-v0.1), else a random-init model of its shape.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: setup
+	$(if $(HF_TOKEN),HF_HUB_OFFLINE=0) $(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 # docker/Dockerfile built and the compose services run for real on CPU (tests/test_docker.py: podman
 # behind the real Compose v2 binary; needs root). Skipped, with one line saying why, where
