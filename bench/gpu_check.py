@@ -1000,8 +1000,9 @@ def compare_merged(argv) -> int:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    merged_model = AutoModelForCausalLM.from_pretrained(str(args.merged), dtype=dtype).to(device)
-    merged_model.eval()
+    placement = {"device_map": {"": 0}} if device.type == "cuda" else {}
+    merged_model = AutoModelForCausalLM.from_pretrained(str(args.merged), dtype=dtype, **placement)
+    merged_model.to(device).eval()
     merged = logits_of(merged_model)
 
     def nll(logits_list) -> float:

@@ -27,7 +27,8 @@ def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_pa
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.gpu_check", "--recipe", "recipes/tiny-mistral-cpu.yml",
            "--model", str(tiny_model), "--work", str(tmp_path / "work"), "--out", str(out),
-           "--set", "max_steps=6", "--set", "save_steps=3", "--set", "eval_steps=null",
+           "--launcher", "python",  # as on a GPU box whose packages have no commands
+           "--set", "max_steps=4", "--set", "save_steps=2", "--set", "eval_steps=null",
            "--set", "eval_strategy='no'", "--prep-args", " ".join(book_csv_args()),
            "--eval-args", "--max-new-tokens 8 --max-rows 4 --no-control",
            "--pytest-args", "tests/test_eval_generate.py -k trailing_space"]
@@ -44,14 +45,15 @@ def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_pa
 
     # killed right after its first checkpoint, then resumed from exactly that one and finished
     killed = stages["train_interrupted"]
-    assert killed["key"]["checkpoint"] == "checkpoint-3" and killed["key"]["exit"] != 0
+    assert killed["key"]["checkpoint"] == "checkpoint-2" and killed["key"]["exit"] != 0
     resumed = stages["train_resumed"]["key"]
-    assert resumed["resumed_from_step"] == 3
-    assert resumed["global_step"] == resumed["max_steps"] == 6
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["global_step"] == resumed["max_steps"] == 4
     assert stages["train_resumed"]["command"] == killed["command"]  # the very same command
+    assert " -m axolotl.cli.train " in killed["command"]
     # on a CPU the resumed run is the uninterrupted one, bit for bit
     comparison = summary["resume_vs_uninterrupted"]
-    assert comparison["steps_compared"] == 6
+    assert comparison["steps_compared"] == 4
     assert comparison["loss_max_abs_diff"] == pytest.approx(0, abs=1e-6)
     assert comparison["adapter_max_abs_diff"] == pytest.approx(0, abs=1e-6)
 
