@@ -192,8 +192,10 @@ def test_cpu_only_torch_keeps_the_no_gpu_messages():
 
 @pytest.mark.gpu
 def test_cuda_out_of_memory_while_loading_in_4bit_is_one_line(tmp_path, capsys):
-    """A real out-of-memory: all but 16 MiB of the GPU is taken, then a 200 M-parameter model
-    is loaded in 4-bit (its 16-bit embeddings alone need 130 MB)."""
+    """A real out-of-memory through the loader: this process may use only 32 MiB more GPU
+    memory than it holds (torch's per-process limit, so other processes on the GPU are not
+    disturbed), then a 200 M-parameter model is loaded in 4-bit (its 16-bit embeddings alone
+    are 65 MB)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -211,16 +213,18 @@ def test_cuda_out_of_memory_while_loading_in_4bit_is_one_line(tmp_path, capsys):
             (model_dir / name).write_bytes((tiny / name).read_bytes())
     data = write_jsonl(tmp_path / "eval.jsonl", TEXTS)
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(free - 16 * 2**20, dtype=torch.uint8, device="cuda")
+    total = torch.cuda.get_device_properties(0).total_memory
+    limit = (torch.cuda.memory_reserved(0) + 32 * 2**20) / total
+    torch.cuda.set_per_process_memory_fraction(limit, 0)
     try:
         code = main(["--model", str(model_dir), "--load-in-4bit", "--data", str(data),
                      "--out", str(tmp_path / "out"), "--no-progress"])
     finally:
-        del hog
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
         torch.cuda.empty_cache()
     # (the loader's progress bar may have started on stderr before the failure)
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"error: out of GPU memory while loading {model_dir} in 4-bit "
-                                "(GPU "), errors[0]
+                                "("), errors[0]
+    assert "CUDA_VISIBLE_DEVICES" in errors[0]
