@@ -36,7 +36,9 @@ from eval.common import (
     EVAL_SUBDIR,
     EvalError,
     load_for_eval,
+    quiet_library_logs,
     read_adapter_config,
+    resolve_device,
     resolve_model_arg,
     run_main,
     setup_logging,
@@ -207,6 +209,16 @@ def run(args) -> dict:
         raise EvalError(f"training text {p['train']} not found (for the memorisation check): "
                         "run `python -m data_prep`, pass --train FILE or --no-memorisation")
     model_ref, _ = resolve_model_arg(p["model"], p["run_dir"])
+    if p["load_in_4bit"] and args.load_in_4bit is None:  # 4-bit because the recipe says so
+        quiet_library_logs()
+        try:
+            resolve_device(load_in_4bit=True)
+        except EvalError as err:
+            if not str(err).startswith("--load-in-4bit needs a CUDA GPU"):
+                raise
+            raise EvalError(f"{args.target} sets load_in_4bit: true, which needs a CUDA GPU "
+                            "(bitsandbytes nf4): pass --no-load-in-4bit to evaluate in fp32 "
+                            "on this CPU") from None
 
     seconds: dict[str, float] = {}
     results: dict[str, dict] = {}

@@ -79,3 +79,21 @@ def test_bad_target_fails_fast_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(expected), lines[0]
+
+
+def test_recipe_in_4bit_on_a_cpu_says_how_to_evaluate_anyway(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir("nonzero"), run)
+    recipe, _, _ = _recipe(tmp_path, run)
+    cfg = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**cfg, "load_in_4bit": True}))
+    capsys.readouterr()  # (building the adapter above may have logged library noise)
+    assert main([str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {recipe} sets load_in_4bit: true, which needs a CUDA GPU (bitsandbytes nf4): "
+        "pass --no-load-in-4bit to evaluate in fp32 on this CPU")
+    assert not (run / "eval").exists()
