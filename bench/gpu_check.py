@@ -142,8 +142,8 @@ def gpu_inventory() -> list[dict]:
             for r in rows if len(r) >= 4]
 
 
-def descendants(root: int) -> set[int]:
-    """`root` and every process below it (from /proc)."""
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -153,6 +153,11 @@ def descendants(root: int) -> set[int]:
         fields = text.rsplit(")", 1)[-1].split()
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def descendants(root: int, children: dict[int, list[int]]) -> set[int]:
+    """`root` and every process below it."""
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()
@@ -199,8 +204,9 @@ class GpuMonitor:
         apps = nvidia_smi("--query-compute-apps=pid,used_memory")
         with self.lock:
             running = list(self.running.values())
+        children = process_children() if apps else {}
         for stage, pid in running:
-            pids = descendants(pid)
+            pids = descendants(pid, children)
             mine = sum(int(float(a[1])) for a in apps
                        if len(a) >= 2 and a[0].isdigit() and int(a[0]) in pids)
             if mine:
