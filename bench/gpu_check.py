@@ -25,7 +25,7 @@ timed, with its peak GPU memory and its key figure:
   evaluate           python -m eval RECIPE: perplexity + generations + report, one model load
   merge              axolotl merge-lora RECIPE
   merged_logits      the merged model's logits and loss vs base + adapter on held-out text
-  pytest             python -m pytest -m gpu
+  pytest             python -m pytest -m gpu, on the test files that hold GPU tests
 
 The recipe is used as it is, except `base_model` (the model above), `output_dir` and
 `dataset_prepared_path` (under --work, so nothing of yours in outputs/ is touched) and --set.
@@ -1055,10 +1055,11 @@ def compare_merged(argv) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
                                      description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
     parser.add_argument("--model", default="auto",
-                        help="base model: a directory or hub id (default auto: see above)")
+                        help="base model: a directory or hub id (default auto: see below)")
     parser.add_argument("--random-model-dir", type=Path, default=DEFAULT_RANDOM_MODEL,
                         help="where the random-init model is built (kept for the next run)")
     parser.add_argument("--tokenizer-from", type=Path,
