@@ -21,7 +21,20 @@ export TOKENIZERS_PARALLELISM ?= false
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup prep models demo demo-tiny test test-gpu test-docker lint clean
+# `make export`: llama.cpp's runtime (llama-cpp-python, compiled from source here) and its
+# HF -> GGUF converter, both from this release's source distribution, kept in .cache/.
+# CPU build without the multimodal and `common` libraries the bindings never load (about half
+# the compile time); on x86-64 a portable AVX2 build instead of -march=native, whose AMX
+# kernel crashed on q8_0 models on a Xeon with AMX. GPU users may add CMAKE_ARGS="-DGGML_CUDA=on".
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF \
+  -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(abspath export/llama_cpp_runtime_only.cmake) \
+  $(if $(filter x86_64 amd64,$(shell uname -m)),-DGGML_NATIVE=OFF)
+LLAMA_SDIST := .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz
+EXPORT_STAMP := $(VENV)/.setup-export-stamp
+EXPORT_ARGS ?=
+
+.PHONY: help setup prep models demo demo-tiny test test-gpu test-docker lint clean setup-export export
 
 help:
 	@echo "make demo   - set up, then prepare data, fine-tune SmolLM2-135M on CPU, evaluate, report"
@@ -29,6 +42,7 @@ help:
 	@echo "make setup  - create $(VENV) and install pinned dependencies (idempotent)"
 	@echo "make prep   - data/prepared/{clean,seed}/ from the Frankenstein CSV"
 	@echo "make demo-tiny - the pipeline on a 4 M-param random-init Mistral (about 2 minutes)"
+	@echo "make export - merged model + GGUF (f16, q8_0) + Ollama Modelfile of the demo run, checked in llama.cpp"
 	@echo "make test-docker - build the Docker image, run the compose services on CPU (root + podman)"
 	@echo "make lint   - ruff"
 	@echo "make gpu-check - on an NVIDIA GPU box: the whole GPU path, one summary (docs/gpu-check.md)"
@@ -46,6 +60,27 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP) && \
 	echo "setup: installed into $(VENV) in $$(( $$(date +%s) - start )) s"
 
+setup-export: $(EXPORT_STAMP)
+
+$(EXPORT_STAMP): $(STAMP)
+	@mkdir -p .cache
+	@test -f $(LLAMA_SDIST) || $(PY) -m pip download -q --no-binary :all: --no-deps \
+	  --dest .cache llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	@start=$$(date +%s); \
+	if [ "$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' \
+	      2>/dev/null)" != "$(LLAMA_CPP_PYTHON_VERSION)" ]; then \
+	  echo "setup-export: compiling llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION); minutes)"; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
+	    $(PY) -m pip install -q $(LLAMA_SDIST) || exit 1; \
+	fi; \
+	$(PY) -m export.converter >/dev/null && \
+	touch $@ && \
+	echo "setup-export: llama.cpp runtime and converter ready in $$(( $$(date +%s) - start )) s"
+
+export: setup-export
+	$(PY) -m export $(EXPORT_ARGS)
+
 prep: setup
 	$(PY) -m data_prep --mode both
 
@@ -59,7 +94,7 @@ demo: setup
 demo-tiny: setup
 	$(PY) -m demo --recipe recipes/tiny-mistral-cpu.yml
 
-test: setup
+test: setup setup-export
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: setup

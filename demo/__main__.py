@@ -12,7 +12,9 @@ Steps, each printed as it starts:
   4. perplexity    python -m eval.perplexity --compare         held-out chapters + control text
   5. generations   python -m eval.generate                     base vs adapter, memorisation
   6. report        python -m eval.report                       report.md + PNG charts
-and ends with a five-line summary, also saved as <output_dir>/demo_summary.json.
+and ends with a short summary (perplexity before -> after, times, where the report and the
+TensorBoard logs are), also saved as <output_dir>/demo_summary.json. Next: `make export`
+turns the run into GGUF files for llama.cpp / Ollama / LM Studio (python -m export).
 Re-running is cheap where nothing changed: prep and the model cache are kept, and axolotl resumes
 from the newest checkpoint (a finished run only re-saves the adapter).
 """
@@ -121,7 +123,7 @@ def tokens_trained(output_dir: Path) -> int | None:
     return None
 
 
-def summarise(output_dir: Path, train_seconds: float, recipe: Path) -> dict:
+def summarise(output_dir: Path, train_seconds: float, recipe: Path, demo_seconds: float) -> dict:
     results = json.loads((output_dir / "eval" / "perplexity.json").read_text())
     by_kind = {d["kind"]: d for d in results["datasets"]}
 
@@ -136,8 +138,10 @@ def summarise(output_dir: Path, train_seconds: float, recipe: Path) -> dict:
         "held_out_corpus_ppl": before_after("held-out"),
         "control_corpus_ppl": before_after("control"),
         "train_seconds": round(train_seconds, 1),
+        "demo_seconds": round(demo_seconds, 1),
         "tokens_trained": tokens_trained(output_dir),
         "report": str(output_dir / "report.md"),
+        "tensorboard": str(output_dir / "runs") if (output_dir / "runs").is_dir() else None,
         "generations": str(generations_file) if generations_file.is_file() else None,
     }
     tmp = output_dir / "demo_summary.json.tmp"
@@ -158,12 +162,17 @@ def print_summary(summary: dict) -> None:
           "(axolotl train, wall clock)")
     print(f"tokens trained:                   {tokens:,}" if tokens else
           "tokens trained:                   n/a")
+    print(f"whole demo:                       {summary['demo_seconds'] / 60:.1f} min "
+          "(wall clock, from data prep to report)")
+    if summary.get("tensorboard"):
+        print(f"training curves:                  tensorboard --logdir {summary['tensorboard']}")
     print(f"report:                           {summary['report']}")
 
 
 def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
              max_steps: int | None = None, max_eval_rows: int | None = None,
              max_new_tokens: int = 100, prep_args: tuple[str, ...] = ()) -> dict:
+    start = time.perf_counter()
     os.chdir(REPO)  # recipes use paths relative to the repository root
     cfg = yaml.safe_load(Path(recipe).read_text())
     run_dir = Path(output_dir or cfg["output_dir"])
@@ -193,7 +202,7 @@ def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
     banner(6, f"report: {run_dir / 'report.md'}")
     run_eval_step("eval.report", [str(run_dir)])
 
-    summary = summarise(run_dir, train_seconds, Path(recipe))
+    summary = summarise(run_dir, train_seconds, Path(recipe), time.perf_counter() - start)
     print_summary(summary)
     return summary
 

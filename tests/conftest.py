@@ -166,3 +166,31 @@ def tiny_trained(tiny_run) -> TinyRun:
                     (tiny_run.train_rc, tiny_run.train_log)):
         assert rc == 0, f"{log} (exit {rc}):\n" + log.read_text()[-4000:]
     return tiny_run
+
+
+@dataclass
+class DemoRun:
+    output_dir: Path
+    log: Path
+    returncode: int
+
+
+@pytest.fixture(scope="session")
+def short_demo_log(prepared_data, tmp_path_factory) -> DemoRun:
+    """`python -m demo` shortened (6 steps, 6 eval rows, 16 new tokens): the real pipeline on
+    SmolLM2-135M, run once; test_demo checks it, test_export exports its adapter."""
+    root = tmp_path_factory.mktemp("short-demo")
+    out, log = root / "demo", root / "demo.log"
+    proc = run_logged(
+        [sys.executable, "-m", "demo", "--output-dir", str(out), "--max-steps", "6",
+         "--max-eval-rows", "6", "--max-new-tokens", "16", *book_csv_args()],
+        log, timeout=1200)
+    return DemoRun(out, log, proc.returncode)
+
+
+@pytest.fixture(scope="session")
+def short_demo_run(short_demo_log) -> Path:
+    """The shortened demo's output_dir, asserted to have finished (else its log's tail)."""
+    assert short_demo_log.returncode == 0, short_demo_log.log.read_text()[-4000:]
+    return short_demo_log.output_dir
+

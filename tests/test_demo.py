@@ -4,28 +4,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, book_csv_args
+import yaml
+from conftest import REPO
 
 
 @pytest.mark.slow
-def test_shortened_demo_trains_improves_and_reports(prepared_data, tmp_path):
-    out = tmp_path / "demo"
-    log = tmp_path / "demo.log"
-    with open(log, "w") as handle:
-        proc = subprocess.run(
-            [sys.executable, "-m", "demo", "--output-dir", str(out), "--max-steps", "6",
-             "--max-eval-rows", "6", "--max-new-tokens", "16", *book_csv_args()],
-            cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
+def test_shortened_demo_trains_improves_and_reports(short_demo_log):
+    out = short_demo_log.output_dir
+    text = short_demo_log.log.read_text()
+    assert short_demo_log.returncode == 0, text[-4000:]
 
     # a real axolotl run wrote the adapter
     assert (out / "adapter_model.safetensors").stat().st_size > 1_000_000
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+    recipe = yaml.safe_load((REPO / "recipes" / "smollm2-demo-cpu.yml").read_text())
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == recipe["lora_r"]
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
 
@@ -36,11 +30,20 @@ def test_shortened_demo_trains_improves_and_reports(prepared_data, tmp_path):
     assert summary["control_corpus_ppl"]["base"] > 1
     assert summary["tokens_trained"] > 1000
 
-    # report files, and the five-line summary printed last
+    # report files, and the summary printed last
     for name in ("report.md", "report/loss.png", "report/perplexity.png",
                  "eval/perplexity.json", "eval/generations.json"):
         assert (out / name).stat().st_size > 0, name
-    assert "I'm afraid I've created a" in (out / "report.md").read_text()
-    tail = text.strip().splitlines()[-5:]
-    assert tail[0].startswith("held-out Frankenstein perplexity:")
+    report = (out / "report.md").read_text()
+    assert "I'm afraid I've created a" in report
+
+    # training curves for TensorBoard (the recipe's use_tensorboard), linked from the report
+    events = list((out / "runs").glob("*/events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0, events
+    assert f"tensorboard --logdir {out / 'runs'}" in report
+    tail = text.strip().splitlines()
+    tail = tail[len(tail) - 1 - tail[::-1].index("=== demo summary ==="):]
+    assert tail[1].startswith("held-out Frankenstein perplexity:")
+    assert any(line.startswith("whole demo:") for line in tail), tail
+    assert summary["demo_seconds"] > summary["train_seconds"] > 0
     assert tail[-1].startswith("report:") and tail[-1].endswith("report.md")

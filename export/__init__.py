@@ -1,0 +1,14 @@
+"""Export a trained run for local inference: merged model, GGUF files, Ollama Modelfile.
+
+`python -m export [RUN_DIR]` (what `make export` runs) merges the LoRA adapter of an axolotl run
+into its base model, converts the merged model to GGUF with llama.cpp's own converter
+(`convert_hf_to_gguf.py`, f16 and q8_0), writes an Ollama `Modelfile`, and checks the GGUF in
+llama.cpp (through llama-cpp-python) against the merged model in transformers. Details:
+docs/export.md.
+"""
+
+# llama.cpp's converter and the llama.cpp runtime both come from this llama-cpp-python release:
+# the converter from its source distribution, the runtime built from the same sources
+# (`make setup-export`). Keep it equal to the pin in pyproject.toml's `export` extra and the
+# Makefile's LLAMA_CPP_PYTHON_VERSION (a test checks).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"

@@ -1,0 +1,114 @@
+"""python -m export: a trained demo run -> merged model -> GGUF (f16, q8_0) that llama.cpp loads
+and that behaves like the merged model in transformers; plus the Ollama Modelfile and the
+one-line errors. The real test exports the shortened demo run (SmolLM2-135M + a LoRA adapter
+trained by axolotl) shared with test_demo.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import REPO
+
+from export import LLAMA_CPP_PYTHON_VERSION
+from export.__main__ import main as export_main
+from export.__main__ import modelfile_text, parse_types
+from export.check import PPL_TOLERANCE_PCT
+
+
+def test_llama_cpp_python_pin_is_the_same_everywhere():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}" in \
+        pyproject["project"]["optional-dependencies"]["export"]
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(rf"^LLAMA_CPP_PYTHON_VERSION \?= {re.escape(LLAMA_CPP_PYTHON_VERSION)}$",
+                     makefile, re.M)
+
+
+def test_types_are_checked_and_k_quants_bring_their_f16_source():
+    assert parse_types("f16,q8_0") == ["f16", "q8_0"]
+    assert parse_types("q4_k_m") == ["f16", "q4_k_m"]
+    with pytest.raises(Exception, match="unknown GGUF type"):
+        parse_types("q3_xs")
+
+
+def test_modelfile_is_a_plain_completion_template_with_the_stop_token():
+    text = modelfile_text("demo-q8_0.gguf", "<|endoftext|>", "demo", 2048)
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "FROM ./demo-q8_0.gguf"
+    assert 'TEMPLATE """{{ .Prompt }}"""' in lines
+    assert 'PARAMETER stop "<|endoftext|>"' in lines
+    assert "PARAMETER num_ctx 2048" in lines
+    assert "ollama create demo -f Modelfile" in text
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-run", "adapter-without-weights"])
+def test_bad_run_dir_is_one_line_and_exit_2(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case != "missing":
+        run.mkdir()
+    if case == "adapter-without-weights":
+        (run / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}')
+    assert export_main([str(run), "--no-check", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export: error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_of_the_demo_run_loads_in_llama_cpp_and_matches_transformers(short_demo_run,
+                                                                          tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make "
+                        "setup-export` (make test runs it)")
+    out = tmp_path / "export"
+    log = tmp_path / "export.log"
+    with open(log, "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "export", str(short_demo_run), "--out",
+                               str(out), "--name", "frankenstein-demo"], cwd=REPO,
+                              stdout=handle, stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["passed"] is True
+    # the merged model: a plain transformers model directory, no adapter left
+    merged = out / "merged"
+    assert (merged / "model.safetensors").stat().st_size > 200_000_000  # 134.5 M params, fp32
+    assert not (merged / "adapter_config.json").exists()
+
+    # f16 ~ 2 bytes/param, q8_0 ~ 1.06 bytes/param (+ vocab)
+    sizes = {t: info["bytes"] for t, info in summary["gguf"].items()}
+    assert set(sizes) == {"f16", "q8_0"}
+    assert 250e6 < sizes["f16"] < 300e6 and 130e6 < sizes["q8_0"] < 170e6, sizes
+    for gguf_type in sizes:
+        path = out / f"frankenstein-demo-{gguf_type}.gguf"
+        assert path.read_bytes()[:4] == b"GGUF"
+
+    checks = {c["type"]: c for c in summary["checks"]}
+    f16, q8 = checks["f16"], checks["q8_0"]
+    for check in (f16, q8):
+        assert check["tokenizer_matches"], check
+        assert check["passage_tokens"] > 100
+        assert abs(check["ppl_diff_pct"]) <= PPL_TOLERANCE_PCT[check["type"]], check
+    assert f16["greedy_leading_matches"] == f16["greedy_tokens"] == 16, f16
+
+    # independent of export's own check: llama.cpp reads the file's metadata and generates
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(out / "frankenstein-demo-q8_0.gguf"), n_ctx=256, verbose=False)
+    assert llm.metadata["general.architecture"] == "llama"
+    assert llm.detokenize([llm.token_eos()]) == b"<|endoftext|>"
+    assert "tokenizer.chat_template" not in llm.metadata
+    completion = llm("It was on a dreary night of November that", max_tokens=12, temperature=0)
+    assert completion["usage"]["completion_tokens"] > 0
+    llm.close()
+
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./frankenstein-demo-q8_0.gguf" in modelfile
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile
+    tail = text.strip().splitlines()
+    assert any(line.startswith("llama.cpp check: passed") for line in tail[-6:]), tail[-6:]
