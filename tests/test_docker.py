@@ -87,11 +87,13 @@ def _record(name: str, seconds: float) -> None:
 
 def _say(request, line: str) -> None:
     """One line on the terminal even while pytest captures output."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
-    else:  # pragma: no cover - plugin disabled
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None:  # pragma: no cover - plugins disabled
         print(line, file=sys.stderr)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
 
 
 def _skip(request, reason: str):
@@ -122,13 +124,17 @@ def _engine_problem() -> str | None:
 def _ulimits() -> dict[str, int]:
     """Container limits no higher than this process's own hard limits: an engine without
     CAP_SYS_RESOURCE (a sandboxed CI runner, say) cannot grant more, and runc then refuses to
-    start the container. Where a limit is unlimited here, the compose file's value stands."""
+    start the container. Where a limit is unlimited here, the compose file's value stands.
+    nproc also stays within the kernel's pid_max, above which sandboxed kernels refuse it."""
     limits = {}
     for name, which in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC),
                         ("memlock", resource.RLIMIT_MEMLOCK)):
         hard = resource.getrlimit(which)[1]
         if hard != resource.RLIM_INFINITY:
             limits[name] = hard
+    pid_max = Path("/proc/sys/kernel/pid_max")
+    if pid_max.is_file():
+        limits["nproc"] = min(limits.get("nproc", 2**62), int(pid_max.read_text()))
     return limits
 
 
@@ -445,9 +451,11 @@ def stack(engine, base_image, tmp_path_factory) -> Compose:
                    env=env, capture_output=True, timeout=300, check=False)
 
 
-def _image_name(compose: Compose) -> str:
-    override = yaml.safe_load((compose.clone / "docker-compose.cpu.yml").read_text())
-    return override["services"]["train"]["image"]
+def _rendered(compose: Compose) -> dict:
+    """The merged configuration, as compose sees it (`docker compose config`)."""
+    out = subprocess.run(compose.argv("config", "--format", "json"), env=compose.env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +470,7 @@ def built(stack, engine) -> str:
             stack.env.update(env)
     assert rc == 0, f"docker compose build failed:\n{log[-6000:]}"
     _record("docker compose build", seconds)
-    image = _image_name(stack)
+    image = _rendered(stack)["services"]["train"]["image"]
     size = engine.podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
     FIGURES["image size"] = f"{int(size) / 1e9:.2f} GB ({image})"
     return image
@@ -551,10 +559,7 @@ class Training:
 
 
 def _grace_seconds(compose: Compose) -> float:
-    config = json.loads(subprocess.run(compose.argv("config", "--format", "json"), env=compose.env,
-                                       capture_output=True, text=True, timeout=120,
-                                       check=True).stdout)
-    text = config["services"]["train"].get("stop_grace_period", "10s")
+    text = _rendered(compose)["services"]["train"].get("stop_grace_period", "10s")
     match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", text)
     assert match, text
     return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
@@ -712,6 +717,11 @@ def test_real_train_service_without_a_gpu_stops_with_one_line(stack, built, engi
     assert len(lines) == 1, lines
     assert lines[0].startswith(NO_GPU_LINE), lines[0]
     assert "Traceback" not in log
+
+    # in scripts: `run --rm train` runs in the foreground and exits with the job's status
+    rc, log, _ = real.run("run", "--rm", "train", log="run-train-gpu-recipe")
+    assert rc == 3, log[-6000:]
+    assert NO_GPU_LINE in log and "Traceback" not in log
 
 
 def test_zz_print_measured_figures(request, stack):
