@@ -699,6 +699,7 @@ def train_figures(output_dir: Path) -> dict:
         "max_steps": state.get("max_steps"),
         "final_loss": rows[max(rows)]["loss"] if rows else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_eval_step": evals[-1].get("step") if evals else None,
         "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
         "train_runtime_s": final.get("train_runtime"),
     }
@@ -729,6 +730,7 @@ def compare_runs(resumed: Path, reference: Path) -> dict:
             "final_loss": {"resumed": rows_got[common[-1]]["loss"] if common else None,
                            "uninterrupted": rows_want[common[-1]]["loss"] if common else None},
             "final_eval_loss": {
+                "step": eval_common[-1] if eval_common else None,
                 "resumed": evals_got[eval_common[-1]] if eval_common else None,
                 "uninterrupted": evals_want[eval_common[-1]] if eval_common else None},
             "per_step_abs_diff": {str(s): diffs[s] for s in common},
@@ -838,9 +840,12 @@ def key_figure(stage: dict, summary: dict) -> str:
         text = ""
         if name == "train_resumed":
             text = f"resumed from step {_fmt(k.get('resumed_from_step'))}, "
+        evaluated = (f", eval loss {_fmt(k.get('final_eval_loss'), 4)} (step "
+                     f"{k.get('final_eval_step')})" if k.get("final_eval_loss") is not None
+                     else "")
         return (text + f"step {_fmt(k.get('global_step'))}/{_fmt(k.get('max_steps'))}, final "
-                f"loss {_fmt(k.get('final_loss'), 4)}, eval loss {_fmt(k.get('final_eval_loss'), 4)}"
-                f", {_fmt(k.get('tokens_per_s_median'), 0)} tok/s (median step)")
+                f"loss {_fmt(k.get('final_loss'), 4)}{evaluated}, "
+                f"{_fmt(k.get('tokens_per_s_median'), 0)} tok/s (median step)")
     if name == "evaluate" and k:
         return (f"held-out ppl {_fmt(k.get('held_out_ppl_base'), 2)} → "
                 f"{_fmt(k.get('held_out_ppl_adapter'), 2)}; load {_fmt(k.get('load_s'))} s, "
@@ -904,8 +909,8 @@ def render_summary(summary: dict) -> str:
             f"{_fmt(comparison.get('loss_max_abs_diff'), 6)} (step "
             f"{comparison.get('loss_max_abs_diff_step')}); final "
             f"{_fmt(final.get('resumed'), 4)} vs {_fmt(final.get('uninterrupted'), 4)}",
-            f"- final eval loss {_fmt(final_eval.get('resumed'), 4)} vs "
-            f"{_fmt(final_eval.get('uninterrupted'), 4)}",
+            f"- eval loss at the last step both evaluated (step {final_eval.get('step')}): "
+            f"{_fmt(final_eval.get('resumed'), 4)} vs {_fmt(final_eval.get('uninterrupted'), 4)}",
             f"- final adapter: max |Δ| {_fmt(comparison.get('adapter_max_abs_diff'), 6)} (largest "
             f"weight {_fmt(comparison.get('adapter_max_abs'), 4)}, relative "
             f"{_fmt(comparison.get('adapter_max_rel_diff'), 6)})",
