@@ -318,7 +318,7 @@ def run_export(args) -> dict:
             print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
                   f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
                   f"match, perplexity {result['ppl_llama_cpp']:.4f} vs "
-                  f"{result['ppl_transformers_f32']:.4f} ({result['ppl_diff_pct']:+.3f} %"
+                  f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
                   + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
                   + ("ok" if result["passed"] else "FAILED"), flush=True)
         seconds["check"] = time.perf_counter() - t0

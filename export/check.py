@@ -8,10 +8,12 @@ never the tokenizer:
   perplexity  corpus perplexity of a passage (every token after the first, scored with the full
               context before it) differs by at most a stated tolerance
 
-Tolerances (relative perplexity difference vs the merged model in float32) are per GGUF type:
-f16 0.5 %, q8_0 2 %, q5_k_m 5 %, q4_k_m 10 % (a sanity bound: 4-bit costs a few per cent).
-Greedy tokens must match exactly for f16; for quantised files the count of matching leading
-tokens is reported, not asserted (rounding can flip a near-tie).
+The reference is the merged model in float32 (bfloat16 where float32 would not fit in memory,
+e.g. a 7B model on a small machine). Tolerances (relative perplexity difference to it) per type:
+f16 0.5 %, q8_0 2 %, q5_k_m 5 %, q4_k_m 10 % (a sanity bound: 4-bit costs a few per cent),
+doubled against a bfloat16 reference. Greedy tokens must match exactly for f16 against a float32
+reference; otherwise the count of matching leading tokens is reported, not asserted (rounding
+can flip a near-tie).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def hf_nll(model, ids: list[int]) -> list[float]:
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+    logits = logits.float().cpu().numpy()
     return nll_from_logits(logits, ids)
 
 
@@ -66,17 +69,21 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     import torch
 
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
+        out = model.generate(input_ids=torch.tensor([ids], device=model.device),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                       device=model.device),
+                             max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, num_beams=1, pad_token_id=model.config.eos_token_id)
     return out[0, len(ids):].tolist()
 
 
 def load_llama(gguf: Path, n_ctx: int):
-    from llama_cpp import Llama
+    import llama_cpp
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                 n_threads=os.cpu_count() or 2, seed=0, verbose=False)
+    gpu = llama_cpp.llama_supports_gpu_offload()  # a CUDA/Metal build: all layers on the GPU
+    return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                           logits_all=True, n_gpu_layers=-1 if gpu else 0,
+                           n_threads=os.cpu_count() or 2, seed=0, verbose=False)
 
 
 def llama_nll(llm, ids: list[int]) -> list[float]:
@@ -111,15 +118,33 @@ def corpus_ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
+def reference_placement(merged_dir: Path) -> tuple[str, str]:
+    """(device, dtype) for the transformers reference: float32 where it fits comfortably (the
+    demo model everywhere), else the GPU in bfloat16, else the CPU in bfloat16 (a 7B model:
+    28 GB in float32)."""
+    import torch
+
+    weights = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
+    params = weights / 2 if '"bfloat16"' in (merged_dir / "config.json").read_text() or \
+        '"float16"' in (merged_dir / "config.json").read_text() else weights / 4
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+        return ("cuda", "float32") if params * 4 < 0.6 * free else ("cuda", "bfloat16")
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ("cpu", "float32") if params * 4 < 0.5 * available else ("cpu", "bfloat16")
+
+
 class Reference:
-    """The merged model in transformers (float32), scored once and compared with every GGUF."""
+    """The merged model in transformers, scored once and compared with every GGUF."""
 
     def __init__(self, merged_dir: Path, prompt: str, passage: str, greedy_tokens: int):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.device, self.dtype = reference_placement(merged_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            merged_dir, dtype=getattr(torch, self.dtype), device_map=self.device).eval()
         self.prompt, self.passage, self.greedy_tokens = prompt, passage, greedy_tokens
         self.prompt_ids = hf_token_ids(self.tokenizer, prompt)
         self.passage_ids = hf_token_ids(self.tokenizer, passage)
@@ -143,6 +168,8 @@ class Reference:
             llm.close()
         diff_pct = 100 * (ppl - self.ppl) / self.ppl
         tolerance = PPL_TOLERANCE_PCT.get(gguf_type)
+        if tolerance is not None and self.dtype != "float32":
+            tolerance *= 2  # a bfloat16 reference is itself ~0.5 % off
         matches = leading_matches(greedy, self.greedy)
         result = {
             "gguf": gguf.name,
@@ -153,13 +180,14 @@ class Reference:
             "greedy_leading_matches": matches,
             "greedy_text_llama_cpp": text,
             "passage_tokens": len(self.passage_ids),
-            "ppl_transformers_f32": round(self.ppl, 4),
+            "reference": f"transformers, {self.dtype} on {self.device}",
+            "ppl_transformers": round(self.ppl, 4),
             "ppl_llama_cpp": round(ppl, 4),
             "ppl_diff_pct": round(diff_pct, 3),
             "ppl_tolerance_pct": tolerance,
         }
         ok = result["tokenizer_matches"] and (tolerance is None or abs(diff_pct) <= tolerance)
-        if gguf_type in GREEDY_MUST_MATCH:
+        if gguf_type in GREEDY_MUST_MATCH and self.dtype == "float32":
             ok = ok and matches == self.greedy_tokens
         result["passed"] = bool(ok)
         return result

@@ -1,0 +1,142 @@
+"""python -m demo.calibrate: the runs behind recipes/smollm2-demo-cpu.yml's training settings.
+
+Usage:
+    python -m demo.calibrate --list                 # the variants and their overrides
+    python -m demo.calibrate NAME [NAME ...]         # run them, one after the other
+    python -m demo.calibrate --table                 # the Markdown table of recorded results
+
+Each variant is the demo recipe with a few keys overridden, run through the whole `python -m
+demo` pipeline (prep, axolotl train, perplexity, generations, report) into
+outputs/calibration/NAME/, timed end to end. One row per run is appended to
+docs/demo-calibration.json: overrides -> held-out and control corpus-perplexity change,
+training and whole-demo wall time, threads, and the machine's load average before and after
+(the demo target is 2 cores; a busy machine inflates the times, never the perplexities).
+Run one at a time: each takes about as long as `make demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "smollm2-demo-cpu.yml"
+RESULTS = REPO / "docs" / "demo-calibration.json"
+OUT = Path("outputs/calibration")
+
+# name -> recipe overrides. Everything not named here is the recipe as committed.
+VARIANTS: dict[str, dict] = {
+    # the recipe before calibration: r16 all-linear, micro-batch 2 x 512 packed, lr 1e-3 cosine
+    "r16-lr1e-3-48steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.001,
+                           "max_steps": 48, "warmup_steps": 4},
+    "r16-lr1e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.001,
+                           "max_steps": 80, "warmup_steps": 4},
+    "r16-lr2e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
+                           "max_steps": 80, "warmup_steps": 4},
+    "r32-lr2e-3-80steps": {"lora_r": 32, "lora_alpha": 64, "learning_rate": 0.002,
+                           "max_steps": 80, "warmup_steps": 4},
+    "r16-lr3e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.003,
+                           "max_steps": 80, "warmup_steps": 4},
+}
+
+
+def variant_recipe(name: str) -> Path:
+    cfg = yaml.safe_load(RECIPE.read_text())
+    cfg.update(VARIANTS[name])
+    out = OUT / name
+    cfg["output_dir"] = f"./{out}"
+    cfg["dataset_prepared_path"] = f"./{out}/prepared"
+    cfg["save_steps"] = cfg["max_steps"]  # one checkpoint at the end is enough here
+    path = REPO / out / "recipe.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {RECIPE.name} + calibration variant {name}: {VARIANTS[name]}\n"
+                    + yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_variant(name: str, threads: int | None = None, demo_args: tuple[str, ...] = ()) -> dict:
+    recipe = variant_recipe(name)
+    log = recipe.with_name("demo.log")
+    env = os.environ.copy()
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "demo", "--recipe",
+                               str(recipe.relative_to(REPO)), *demo_args], cwd=REPO,
+                              env=env, stdout=handle, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"calibrate: {name} failed (exit {proc.returncode}); see {log}")
+    summary = json.loads((recipe.parent / "demo_summary.json").read_text())
+    row = {
+        "name": name,
+        "overrides": VARIANTS[name],
+        "held_out_change_pct": round(summary["held_out_corpus_ppl"]["change_pct"], 2),
+        "held_out_ppl": [round(summary["held_out_corpus_ppl"]["base"], 2),
+                         round(summary["held_out_corpus_ppl"]["adapter"], 2)],
+        "control_change_pct": round(summary["control_corpus_ppl"]["change_pct"], 2),
+        "train_seconds": summary["train_seconds"],
+        "demo_seconds": round(wall, 1),
+        "tokens_trained": summary["tokens_trained"],
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "threads": int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 0),
+        "demo_args": list(demo_args),
+        "date": dt.date.today().isoformat(),
+    }
+    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    rows.append(row)
+    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | overrides | held-out ppl change | control change | train | whole demo "
+             "| load (1-min avg) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        overrides = ", ".join(f"{k} {v}" for k, v in r["overrides"].items())
+        lines.append(f"| {r['name']} | {overrides} | {r['held_out_change_pct']:+.1f} % "
+                     f"({r['held_out_ppl'][0]:.2f} → {r['held_out_ppl'][1]:.2f}) | "
+                     f"{r['control_change_pct']:+.1f} % | {r['train_seconds'] / 60:.1f} min | "
+                     f"{r['demo_seconds'] / 60:.1f} min | "
+                     f"{r['load_average_1min'][0]:.1f} → {r['load_average_1min'][1]:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.calibrate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="variants to run (see --list)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS for the run (1 keeps a shared machine from "
+                             "thrashing; the perplexities do not depend on it)")
+    parser.add_argument("--demo-arg", action="append", default=[],
+                        help="extra argument for python -m demo (repeatable), e.g. "
+                             "--demo-arg=--max-new-tokens=16")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; --list shows them")
+    if args.list:
+        for name, overrides in VARIANTS.items():
+            print(f"{name}: {overrides}")
+    for name in args.names:
+        print(json.dumps(run_variant(name, args.threads, tuple(args.demo_arg))), flush=True)
+    if args.table:
+        print(table(json.loads(RESULTS.read_text()) if RESULTS.is_file() else []))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
