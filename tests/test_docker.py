@@ -643,6 +643,10 @@ def test_outputs_land_on_the_host_owned_by_the_user_who_ran_compose(training, pr
     assert not _owned_by_user(run_dir)
 
 
+# `run --rm` as users type it. Its exit status is asserted too, but podman 4.3's API reports 0
+# for a container it removed itself: the outputs are what these tests really check.
+
+
 @pytest.fixture(scope="module")
 def evaluated(prepped, training) -> tuple[int, str]:
     rc, log, seconds = prepped.run("run", "--rm", "eval", log="run-eval")
@@ -652,7 +656,8 @@ def evaluated(prepped, training) -> tuple[int, str]:
 
 def test_run_eval_writes_perplexity_and_report(evaluated, prepped):
     rc, log = evaluated
-    assert rc == 0, log[-6000:]
+    assert rc == 0 and "Traceback" not in log, log[-6000:]
+    assert "+ python -m eval.report" in log, log[-6000:]  # eval.sh got to its last step
     run_dir = prepped.clone / RUN_DIR
     perplexity = json.loads((run_dir / "eval" / "perplexity.json").read_text())
     assert perplexity, "empty perplexity.json"
@@ -664,7 +669,7 @@ def test_run_eval_writes_perplexity_and_report(evaluated, prepped):
 def test_run_merge_writes_the_merged_model(prepped, training):
     rc, log, seconds = prepped.run("run", "--rm", "merge", log="run-merge")
     _record("run --rm merge", seconds)
-    assert rc == 0, log[-6000:]
+    assert rc == 0 and "Traceback" not in log, log[-6000:]
     merged = prepped.clone / RUN_DIR / "merged"
     assert (merged / "config.json").is_file()
     assert list(merged.glob("*.safetensors")), sorted(p.name for p in merged.iterdir())
@@ -718,8 +723,9 @@ def test_real_train_service_without_a_gpu_stops_with_one_line(stack, built, engi
     assert lines[0].startswith(NO_GPU_LINE), lines[0]
     assert "Traceback" not in log
 
-    # in scripts: `run --rm train` runs in the foreground and exits with the job's status
-    rc, log, _ = real.run("run", "--rm", "train", log="run-train-gpu-recipe")
+    # in scripts: `run train` runs in the foreground and exits with the job's status. (Without
+    # --rm: podman 4.3's API reports 0 for a container it removed itself, whatever its status.)
+    rc, log, _ = real.run("run", "train", log="run-train-gpu-recipe")
     assert rc == 3, log[-6000:]
     assert NO_GPU_LINE in log and "Traceback" not in log
 
