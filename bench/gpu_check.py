@@ -283,6 +283,11 @@ class Check:
         cfg["base_model"] = self.model_ref
         cfg["output_dir"] = str(self.work / name)
         cfg["dataset_prepared_path"] = str(self.work / f"prepared-{name}")
+        if self.model_kind == "random-init":
+            # a random-init model's loss starts near ln(32000) = 10.4, above the watchdog
+            # threshold the recipe sets for real weights, which would stop it after 3 steps
+            for key in ("loss_watchdog_threshold", "loss_watchdog_patience"):
+                cfg.pop(key, None)
         path = self.work / "recipes" / f"{name}.yml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
