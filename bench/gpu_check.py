@@ -872,6 +872,14 @@ def key_figure(stage: dict, summary: dict) -> str:
     return ""
 
 
+def verdict(summary: dict) -> str:
+    skipped = [s["name"] for s in summary["stages"] if s["status"] == "skipped"]
+    if not summary["ok"]:
+        return "FAILED"
+    return "all stages ok" if not skipped else (
+        f"every stage that ran is ok; skipped: {', '.join(skipped)}")
+
+
 def render_summary(summary: dict) -> str:
     machine = summary["machine"]
     gpus = machine["gpus"]
@@ -880,7 +888,7 @@ def render_summary(summary: dict) -> str:
     packages = ", ".join(f"{n} {v}" for n, v in machine["packages"].items() if v)
     model = summary["model"]
     lines = [
-        f"# GPU check: {'all stages ok' if summary['ok'] else 'FAILED'}",
+        f"# GPU check: {verdict(summary)}",
         "",
         f"- {summary['date']}, {summary['wall_s']:.0f} s in all; commit "
         f"{machine['commit'] or 'n/a'}; {gpu_text}; {machine['cpus']} CPUs",
@@ -956,6 +964,8 @@ def write_outputs(summary: dict, out: Path, work: Path) -> list[Path]:
         source = work / "run" / "eval" / name
         if source.is_file():
             files[name] = source.read_text()
+    # paths inside the checkout are shown relative to it: the summary is committed
+    files = {name: text.replace(f"{REPO}/", "") for name, text in files.items()}
     written = []
     for name, text in files.items():
         (out / name).write_text(text)
