@@ -2,8 +2,8 @@
 
 Axolotl's `sdpa_varlen` attention derives the document boundaries (`cu_seqlens`, the longest
 document) from `position_ids` inside every attention call, with reductions whose results Python
-needs (`int(...)`, `.nonzero()`, `.item()`): four or five GPU synchronisations per layer, ~150
-per micro-batch for Mistral-7B's 32 layers. Each one empties the GPU's queue of work, so the
+needs (`int(...)`, `.nonzero()`, `.item()`): GPU synchronisations in every layer, about 100 per
+micro-batch for Mistral-7B's 32 layers. Each one empties the GPU's queue of work, so the
 GPU waits for Python between layers instead of running ahead of it.
 
 Here the layout is read once per micro-batch: one device-to-host copy of `position_ids`, the
