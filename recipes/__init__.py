@@ -1,1 +1,2 @@
-"""Axolotl recipes (YAML) and `recipes.guard`, the pre-flight/finite-loss plugin they load."""
+"""Axolotl recipes (YAML). The plugin they load is integrations.recipe_guard; guard.py here
+only keeps its former import path working."""

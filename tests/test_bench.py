@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 QLORA_EXAMPLE = """
 base_model: mistralai/Mistral-7B-v0.1
 plugins:
-  - recipes.guard.RecipeGuardPlugin
+  - integrations.recipe_guard.RecipeGuardPlugin
 special_tokens:
   pad_token: "</s>"
 load_in_4bit: true
@@ -251,7 +251,7 @@ def test_axolotl_config_overrides(workspace, tmp_path):
     for gone in ("saves_per_epoch", "evals_per_epoch", "loss_watchdog_threshold"):
         assert gone not in cfg
     assert cfg["gradient_checkpointing"] is False and cfg["sequence_len"] == 1024
-    assert cfg["plugins"] == ["recipes.guard.RecipeGuardPlugin",
+    assert cfg["plugins"] == ["integrations.recipe_guard.RecipeGuardPlugin",
                               "axolotl.integrations.liger.LigerPlugin",
                               "bench.axolotl_plugin.ThroughputPlugin"]
     assert cfg["liger_fused_linear_cross_entropy"] is True
@@ -270,7 +270,7 @@ def test_every_axolotl_variant_passes_axolotl_validation(workspace, tmp_path, mo
                                                         prepared_data):
     """Each variant's generated config, on the QLoRA example and on the project's GPU recipe
     when it exists, has only known axolotl keys and values axolotl's schema accepts."""
-    from recipes.guard import check_recipe
+    from integrations.recipe_guard import check_recipe
 
     monkeypatch.chdir(REPO)  # recipes name their data relative to the repo root
     recipes = [workspace["recipe"]] + [p for p in [REPO / train_throughput.DEFAULT_RECIPE]

@@ -183,7 +183,7 @@ def test_cpu_only_torch_keeps_the_no_gpu_messages():
         pytest.skip("a CUDA build of torch")
     assert cuda_unavailable_problem() is None
 
-    from recipes.guard import check_cuda
+    from integrations.recipe_guard.checks import check_cuda
 
     assert check_cuda({"load_in_4bit": True, "bf16": True}, "r.yml") == [
         "r.yml: needs an NVIDIA GPU (load_in_4bit, bf16) but CUDA is not available here; on a "

@@ -11,7 +11,7 @@
 - Determinism: one more run of data_prep + `axolotl train` (fresh JSONL, fresh tokenisation)
   with the same seed gives bit-identical losses to the session run.
 - Numerical safety: learning_rate 1e30 makes the gradients NaN at the first real update; the
-  guard stops the run with one `error:` line, exit 1, nothing saved.
+  guard stops the run with one `error:` line, a non-zero exit, nothing saved.
 - Disk full (RLIMIT_FSIZE in the child, SIGXFSZ ignored, so a write past the limit fails with
   EFBIG like a full disk fails with ENOSPC): data_prep, eval and the tiny-model builder fail
   with one line and leave earlier outputs byte-identical; an axolotl checkpoint save fails with
@@ -43,8 +43,8 @@ from pathlib import Path
 import pytest
 from conftest import FAKE_SECRETS, REPO, VENV_BIN, book_csv_args, run_logged, write_recipe
 
-from recipes.guard import main as guard_main
-from recipes.guard import newest_complete_checkpoint
+from core.runs import newest_complete_checkpoint
+from integrations.recipe_guard import main as guard_main
 
 AXOLOTL = str(VENV_BIN / "axolotl")
 POLL_TIMEOUT_S = 900
@@ -296,7 +296,7 @@ def test_same_seed_gives_identical_prep_and_identical_losses(second_run, tiny_tr
     got, want = train_rows(again), train_rows(reference)
     assert sorted(got) == sorted(want) == list(range(1, 21))
     # bit-identical on the same machine: CPU kernels with a fixed thread count are
-    # deterministic once the LoRA init and the packed order are seeded (recipes/guard.py)
+    # deterministic once the LoRA init and the packed order are seeded (integrations/recipe_guard)
     assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in want]
     assert [got[s]["grad_norm"] for s in got] == [want[s]["grad_norm"] for s in want]
     assert eval_losses(again) == eval_losses(reference)
@@ -489,7 +489,7 @@ def test_fake_secrets_appear_in_no_output_or_log(tiny_trained, second_run, resum
 
 def test_recipe_that_is_not_valid_yaml_is_one_line_from_the_guard(tmp_path, capsys):
     """`axolotl train` parses the YAML before any plugin loads (so it shows yaml's traceback);
-    `python -m recipes.guard RECIPE` names the line."""
+    `python -m integrations.recipe_guard RECIPE` names the line."""
     broken = tmp_path / "broken.yml"
     broken.write_text("base_model: ./models/tiny-mistral\n  adapter: lora\n")
     assert guard_main([str(broken), str(tmp_path / "missing.yml")]) == 1

@@ -1,0 +1,12 @@
+"""The bottom layer: plumbing every other folder of this repository shares.
+
+- `core.errors`  one user-error type (`UserError`), one way to report it (`cli`, `reported`)
+                 and one exit-status convention (0 done, 1 failed, 2 user error)
+- `core.files`   writes that never leave a half-written file or folder (temp + rename),
+                 JSONL reading and appending, sha256 of a file
+- `core.runs`    what "a run" is: a recipe's model, data, output and eval directories, the
+                 file names and metric keys its outputs use, its checkpoints and trainer state
+
+It imports nothing of the project (only the standard library and PyYAML), so anything may
+import it and nothing here depends on Axolotl, torch or transformers.
+"""
