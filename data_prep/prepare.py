@@ -5,10 +5,15 @@ Usage:
     python -m data_prep --mode seed          # notebook reproduction -> data/prepared/seed/
     python -m data_prep --mode both --csv path/to/frankenstein_chunks.csv
 
-Finding the CSV: `--csv PATH`; else data/raw/frankenstein_chunks.csv; else
-../shared/data/frankenstein_chunks.csv (copied into data/raw/); else it is downloaded from the
-original repository into data/raw/. The sha256 is always checked (`--skip-checksum` for another
-CSV with the same layout).
+Finding the CSV: `--csv PATH`; else data/raw/frankenstein_chunks.csv; else it is downloaded
+from the original repository into data/raw/. The sha256 is always checked (`--skip-checksum` for
+another CSV with the same layout).
+
+Reading it: pandas (every field a string, nothing turned into NaN), after the text is decoded
+as UTF-8 and normalised: a byte-order mark is dropped and Windows (CRLF) or old Mac (CR) line
+endings become LF, so the same book saved by another editor gives byte-identical outputs in
+both modes (its checksum is checked on the normalised text too). Errors name the file and, for
+a bad row, the line it ends on.
 
 Modes:
 - clean (default): the 481 rows are consecutive slices of the Project Gutenberg text. They are
@@ -21,7 +26,7 @@ Modes:
 - seed: the 481 original rows unchanged, split 80/20 at random with --seed, as the original
   notebook did (unseeded there), to reproduce its numbers.
 
-Outputs (written to a temporary directory, then renamed into place):
+Outputs (written to a temporary directory, then renamed into place; core/files.py):
     data/prepared/<mode>/train.jsonl, eval.jsonl   one {"text": ...} per line
     data/prepared/<mode>/stats.json                counts, token statistics, sha256 of inputs/outputs
 Same input + same settings -> byte-identical outputs; a second run with nothing changed is a no-op.
@@ -30,22 +35,22 @@ Same input + same settings -> byte-identical outputs; a second run with nothing 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import statistics
-import sys
-import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.errors import UserError, cli
+from core.files import os_reason, sha256_of, staged_dir, staged_file
 
 LOG = logging.getLogger("data_prep")
 
@@ -57,7 +62,6 @@ SOURCE_URL = (
     "main/dataset/frankenstein_chunks.csv"
 )
 RAW_DIR = REPO_ROOT / "data" / "raw"
-SHARED_CSV = REPO_ROOT.parent / "shared" / "data" / CSV_NAME
 DEFAULT_OUT = REPO_ROOT / "data" / "prepared"
 
 DEFAULT_SEED = 42
@@ -77,10 +81,6 @@ SECTION_HEADING = re.compile(r"^(Letter|Chapter) (\d+)[ \t]*$", re.M)
 SENTENCE_BREAK = re.compile(r"[.!?;:][\"'”’)]*(\s+)")
 
 
-class DataPrepError(Exception):
-    """A problem with the input or settings, reported to the user as one line."""
-
-
 @dataclass(frozen=True)
 class Section:
     title: str
@@ -91,113 +91,112 @@ class Section:
 # Finding and reading the CSV
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def download_csv(target: Path, url: str = SOURCE_URL, timeout: float = 60.0) -> Path:
     """Download the original CSV into `target` (atomically)."""
     LOG.info("downloading %s", url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with staged_file(target) as tmp, tmp.open("wb") as out, \
+                urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as exc:
-        raise DataPrepError(
+        raise UserError(
             f"{url}: download failed ({exc}); put {CSV_NAME} in {RAW_DIR} or pass --csv PATH"
         ) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
-def locate_csv(csv_arg: Path | None, raw_dir: Path = RAW_DIR, shared_csv: Path = SHARED_CSV) -> Path:
-    """--csv, else data/raw/, else ../shared/data/ (copied to data/raw/), else download."""
+def locate_csv(csv_arg: Path | None, raw_dir: Path = RAW_DIR) -> Path:
+    """--csv, else data/raw/, else downloaded into data/raw/."""
     if csv_arg is not None:
         if not csv_arg.is_file():
-            raise DataPrepError(f"{csv_arg}: file not found; check the --csv path")
+            raise UserError(f"{csv_arg}: file not found; check the --csv path")
         return csv_arg
     local = raw_dir / CSV_NAME
     if local.is_file():
         return local
-    if shared_csv.is_file():
-        LOG.info("copying %s -> %s", shared_csv, local)
-        _copy_atomically(shared_csv, local)
-        return local
     return download_csv(local)
 
 
-def verify_checksum(path: Path, expected: str = EXPECTED_SHA256) -> str:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise DataPrepError(
-            f"{path}: sha256 {actual[:12]}… does not match the original CSV ({expected[:12]}…); "
-            "re-download it, or pass --skip-checksum if this is deliberately another CSV"
-        )
-    return actual
-
-
-def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[str]:
-    """The `text` column, validated: UTF-8, non-empty, no blank or oversized rows."""
+def read_csv_text(path: Path) -> str:
+    """The CSV's text: UTF-8, byte-order mark dropped, CRLF and CR line endings made LF."""
     raw = path.read_bytes()
     try:
         decoded = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataPrepError(
+        raise UserError(
             f"{path}: not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
             "re-save the file as UTF-8"
         ) from exc
-    if not decoded.strip():
-        raise DataPrepError(f"{path}: the file is empty; expected a CSV with a `text` column")
-    # csv's own 128 KiB field limit would fire first with a cryptic message; ours is clearer.
-    csv.field_size_limit(max(len(decoded), 131072))
-    reader = csv.DictReader(io.StringIO(decoded, newline=""))
-    columns = reader.fieldnames or []
+    return decoded.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def input_sha256(path: Path) -> str:
+    """sha256 of the normalised text: the same for the book saved with any line endings or a
+    byte-order mark (and the file's own sha256 for the original, which has neither)."""
+    return hashlib.sha256(read_csv_text(path).encode("utf-8")).hexdigest()
+
+
+def verify_checksum(path: Path, expected: str = EXPECTED_SHA256) -> str:
+    actual = sha256_of(path)
+    if actual == expected:
+        return actual
+    try:
+        normalised = input_sha256(path)
+    except UserError:  # not even UTF-8: certainly another file
+        normalised = None
+    if normalised != expected:
+        raise UserError(
+            f"{path}: sha256 {actual[:12]}… does not match the original CSV ({expected[:12]}…); "
+            "re-download it, or pass --skip-checksum if this is deliberately another CSV"
+        )
+    return normalised
+
+
+def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[str]:
+    """The `text` column, validated: UTF-8, non-empty, no blank or oversized rows."""
+    import pandas as pd
+
+    text = read_csv_text(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; expected a CSV with a `text` column")
+    # Every field a string ("" and "NA" stay text), blank lines kept (to count lines), never a
+    # column taken as the index; fields beyond the header's are dropped, as csv.DictReader does.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text.rstrip("\n") + "\n"), dtype=str,
+                                keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                                index_col=False)
+    except pd.errors.ParserError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise UserError(f"{path}: malformed CSV ({reason})") from exc
+    columns = [str(c) for c in frame.columns]
     if "text" not in columns:
-        raise DataPrepError(
+        raise UserError(
             f"{path}: no `text` column (found {', '.join(map(repr, columns)) or 'none'}); "
             "the first line must be a header naming a `text` column"
         )
+    lines = text.split("\n")
+    # the line each row ends on: after the header's lines, each row's 1 + its inner newlines
+    line = 1 + sum(c.count("\n") for c in columns)
     rows = []
-    try:
-        for record in reader:
-            line = reader.line_num
-            text = record.get("text")
-            if text is None or not text.strip():
-                raise DataPrepError(
-                    f"{path}: row ending on line {line} has an empty `text`; remove blank rows"
-                )
-            if len(text) > max_row_chars:
-                raise DataPrepError(
-                    f"{path}: row ending on line {line} has {len(text):,} characters, over the "
-                    f"{max_row_chars:,} limit; check the file (or raise --max-row-chars)"
-                )
-            rows.append(text)
-    except csv.Error as exc:
-        raise DataPrepError(f"{path}: malformed CSV near line {reader.line_num} ({exc})") from exc
+    for record in frame.itertuples(index=False, name=None):
+        line += 1 + sum(field.count("\n") for field in record)
+        if not lines[line - 1]:
+            continue  # a blank line between rows, not a row
+        value = record[columns.index("text")]
+        if not value.strip():
+            raise UserError(
+                f"{path}: row ending on line {line} has an empty `text`; remove blank rows"
+            )
+        if len(value) > max_row_chars:
+            raise UserError(
+                f"{path}: row ending on line {line} has {len(value):,} characters, over the "
+                f"{max_row_chars:,} limit; check the file (or raise --max-row-chars)"
+            )
+        rows.append(value)
     if not rows:
-        raise DataPrepError(f"{path}: has a header but no rows")
+        raise UserError(f"{path}: has a header but no rows")
     return rows
 
 
@@ -211,7 +210,7 @@ def extract_book(text: str, source: Path) -> str:
     end = END_MARKER.search(text)
     if start is None or end is None or end.start() <= start.end():
         missing = "START" if start is None else "END" if end is None else "END before START"
-        raise DataPrepError(
+        raise UserError(
             f"{source}: Project Gutenberg marker not found ({missing}: '*** START OF ... ***' / "
             "'*** END OF ... ***'); clean mode needs the full eBook text, use --mode seed otherwise"
         )
@@ -227,7 +226,7 @@ def split_sections(book: str, source: Path) -> list[Section]:
     """Letters and chapters, each with its unwrapped paragraphs; front matter dropped."""
     headings = list(SECTION_HEADING.finditer(book))
     if not headings:
-        raise DataPrepError(
+        raise UserError(
             f"{source}: no 'Letter N' / 'Chapter N' headings found between the Gutenberg markers"
         )
     sections = []
@@ -297,7 +296,7 @@ def choose_eval_sections(token_counts: list[int], fraction: float, seed: int) ->
         chosen.add(index)
         held += token_counts[index]
     if len(chosen) == len(token_counts):
-        raise DataPrepError(f"--eval-fraction {fraction} leaves no training sections; lower it")
+        raise UserError(f"--eval-fraction {fraction} leaves no training sections; lower it")
     return chosen
 
 
@@ -364,25 +363,9 @@ def jsonl_bytes(texts: list[str]) -> bytes:
 
 def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write all files into a fresh temporary directory, then swap it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-new-", dir=out_dir.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
-    retired = None
-    try:
+    with staged_dir(out_dir) as staging:
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, retired / out_dir.name)
-        os.replace(staging, out_dir)
-    except BaseException:
-        if retired is not None and not out_dir.exists():
-            os.replace(retired / out_dir.name, out_dir)  # put the previous outputs back
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
 
 
 def settings_key(mode: str, input_sha: str, args: argparse.Namespace) -> dict:
@@ -437,8 +420,8 @@ def prepare(mode: str, csv_path: Path, input_sha: str, rows: list[str], args) ->
     try:
         write_outputs(out_dir, files)
     except OSError as exc:  # disk full, file-size limit, no permission, a file in the way
-        raise DataPrepError(
-            f"{out_dir}: cannot write the outputs ({exc.strerror or exc}); free disk space or fix "
+        raise UserError(
+            f"{out_dir}: cannot write the outputs ({os_reason(exc)}); free disk space or fix "
             "the permissions (or pass another --out) and re-run; earlier outputs are unchanged"
         ) from exc
     print_summary(stats, out_dir)
@@ -490,17 +473,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        csv_path = locate_csv(args.csv)
-        input_sha = sha256_of(csv_path) if args.skip_checksum else verify_checksum(csv_path)
-        rows = read_rows(csv_path, args.max_row_chars)
-        modes = ["clean", "seed"] if args.mode == "both" else [args.mode]
-        for mode in modes:
-            prepare(mode, csv_path, input_sha, rows, args)
-    except DataPrepError as exc:
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    csv_path = locate_csv(args.csv)
+    input_sha = input_sha256(csv_path) if args.skip_checksum else verify_checksum(csv_path)
+    rows = read_rows(csv_path, args.max_row_chars)
+    modes = ["clean", "seed"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        prepare(mode, csv_path, input_sha, rows, args)
+
+
+main = cli(run, prog="data_prep")

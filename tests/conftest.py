@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-SHARED_CSV = REPO.parent / "shared" / "data" / "frankenstein_chunks.csv"
+
+import core.runs  # noqa: E402 - after the repository is importable
+
+RAW_CSV = REPO / "data" / "raw" / "frankenstein_chunks.csv"  # where data_prep looks for it
 VENV_BIN = Path(sys.executable).parent
 
 # Offline, no telemetry, and `accelerate` (which `axolotl train` execs) on PATH.
@@ -40,17 +42,16 @@ FAKE_SECRETS = {
 
 
 def find_real_csv() -> Path | None:
-    for candidate in (REPO / "data" / "raw" / "frankenstein_chunks.csv", SHARED_CSV):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The book's CSV in data/raw/ (`python -m data_prep` downloads it there; CI copies it
+    there), or None: the tests then use a synthetic book."""
+    return RAW_CSV if RAW_CSV.is_file() else None
 
 
 def real_csv_or_skip() -> Path:
     path = find_real_csv()
     if path is None:
-        pytest.skip(f"the Frankenstein CSV is not on this machine ({SHARED_CSV}); "
-                    "real-data test skipped")
+        pytest.skip(f"the Frankenstein CSV is not in {RAW_CSV.relative_to(REPO)} (run "
+                    "`python -m data_prep` once to download it); real-data test skipped")
     return path
 
 
@@ -110,10 +111,8 @@ def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int 
 
 
 def write_recipe(source: Path, target: Path, **overrides) -> Path:
-    cfg = yaml.safe_load(source.read_text())
-    cfg.update(overrides)
-    target.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return target
+    """A copy of the recipe with `overrides` (None removes a key)."""
+    return core.runs.write_recipe(source, target, overrides)
 
 
 @pytest.fixture(scope="session")

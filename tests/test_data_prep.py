@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, real_csv_or_skip
+from conftest import REPO, find_real_csv, real_csv_or_skip, write_synthetic_book
 
-from data_prep.prepare import main
+from data_prep.prepare import main, read_rows
 from data_prep.tokenizer import count_tokens
 
 BOILERPLATE = ("Project Gutenberg", "PROJECT GUTENBERG", "*** START", "*** END", "CONTENTS",
@@ -211,3 +211,46 @@ def test_second_run_is_a_no_op(real_runs, capsys):
     rc = main(["--mode", "both", "--csv", str(real_csv_or_skip()), "--out", str(out)])
     assert rc == 0 and "up to date" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The same book with other line endings or a byte-order mark
+
+
+def saved_as(text: str, variant: str) -> bytes:
+    """`text` (LF line endings) as another editor would save it."""
+    newline = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}[variant.removeprefix("bom-")]
+    data = text.replace("\n", newline).encode("utf-8")
+    return b"\xef\xbb\xbf" + data if variant.startswith("bom-") else data
+
+
+def test_line_endings_and_bom_read_the_same_rows(tmp_path):
+    text = 'text\n"Chapter 1\n\nIt was a dark night;\nthe wind rose."\nplain row\n'
+    rows = {}
+    for variant in ("lf", "crlf", "cr", "bom-lf", "bom-crlf"):
+        path = tmp_path / f"{variant}.csv"
+        path.write_bytes(saved_as(text, variant))
+        rows[variant] = read_rows(path)
+    assert rows["lf"] == ["Chapter 1\n\nIt was a dark night;\nthe wind rose.", "plain row"]
+    assert all(r == rows["lf"] for r in rows.values()), rows
+
+
+def test_the_book_with_other_line_endings_or_a_bom_gives_byte_identical_outputs(tmp_path):
+    """The real CSV where it is here (its CRLF and BOM copies then pass the checksum too), else
+    the synthetic book; both modes."""
+    source = find_real_csv() or write_synthetic_book(tmp_path / "synthetic.csv")
+    text = source.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    skip = [] if find_real_csv() else ["--skip-checksum"]
+    digests = {}
+    for variant in ("lf", "crlf", "bom-crlf"):
+        csv_path = tmp_path / variant / "frankenstein_chunks.csv"
+        csv_path.parent.mkdir()
+        csv_path.write_bytes(saved_as(text, variant))
+        out = tmp_path / f"prepared-{variant}"
+        assert main(["--mode", "both", "--csv", str(csv_path), "--out", str(out), *skip]) == 0
+        digests[variant] = tree_digest(out)
+    assert sorted(digests["lf"]) == ["clean/eval.jsonl", "clean/stats.json", "clean/train.jsonl",
+                                     "seed/eval.jsonl", "seed/stats.json", "seed/train.jsonl"]
+    assert digests["crlf"] == digests["lf"] and digests["bom-crlf"] == digests["lf"]
+    seed_rows = (tmp_path / "prepared-crlf" / "seed" / "train.jsonl").read_text()
+    assert "\\r" not in seed_rows  # no carriage return left in the training text
