@@ -5,7 +5,8 @@
 - `python -m eval.report RUN`  report.md + PNG charts from the trainer log and the two above
 - `python -m eval RECIPE|RUN`  all three with one model load (what a recipe's run is scored with)
 
-Default layout inside a run directory (the axolotl output_dir that holds the adapter):
+Default layout inside a run directory (the axolotl output_dir that holds the adapter; the names
+are core/runs.py's, which every other folder uses too):
 
     RUN/eval/perplexity.json, RUN/eval/perplexity.md      (eval.perplexity --adapter RUN)
     RUN/eval/generations.json, RUN/eval/generations.md    (eval.generate --adapter RUN)

@@ -1,7 +1,8 @@
 """Shared pieces of the eval scripts: inputs checked up front, model + adapter loading, outputs.
 
-Every bad input raises `EvalError` with one line that names the file (and line) and the fix;
-each script's `main()` prints it as `error: ...` and returns 2 before anything is written.
+Every bad input raises `UserError` (core/errors.py) with one line that names the file (and
+line) and the fix; each script's `main()` prints it as `error: ...` and returns 2 before
+anything is written.
 Heavy libraries (torch, transformers, peft) are imported only once the inputs have passed the
 cheap checks, so a typo in a path fails in well under a second.
 """
@@ -17,28 +18,21 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
+from core.errors import UserError, cli
+from core.files import os_reason, read_text_rows, write_files
+from core.runs import EVAL_SUBDIR
 from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
 
-DEFAULT_EVAL_DATA = Path("data/prepared/clean/eval.jsonl")
-DEFAULT_TRAIN_DATA = Path("data/prepared/clean/train.jsonl")
 DEFAULT_OUT_NO_ADAPTER = Path("outputs/eval")
-EVAL_SUBDIR = "eval"  # RUN_DIR/eval/ holds perplexity.* and generations.*
-PERPLEXITY_JSON = "perplexity.json"
-GENERATIONS_JSON = "generations.json"
 
 # End-of-text tokens tried, in order, when a tokenizer reports no EOS or EOS == BOS (SmolLM2's
 # GGUF-derived tokenizer says eos = bos = <|im_start|>).
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-
-
-class EvalError(Exception):
-    """A bad input, reported as one line naming the file/field and the fix."""
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:
@@ -54,6 +48,18 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def script_main(parse_args, run):
+    """`main(argv=None) -> int` of an eval script: parse, set up logging, `run(args)`; a
+    UserError is one `error:` line and exit status 2 (core.errors.cli)."""
+
+    def parse_and_run(argv=None) -> None:
+        args = parse_args(argv)
+        setup_logging(args.verbose)
+        run(args)
+
+    return cli(parse_and_run)
+
+
 def quiet_library_logs() -> None:
     """Silence import-time noise of optional backends (torchao .so files, bitsandbytes hub
     kernels) that says nothing about this evaluation and would bury the one-line errors."""
@@ -63,27 +69,17 @@ def quiet_library_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_main(run, args) -> int:
-    """Call `run(args)`; turn an EvalError into `error: ...` on stderr and exit status 2."""
-    try:
-        run(args)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # --------------------------------------------------------------------------- inputs
 
 
 def load_json_object(path: Path, what: str, fix: str) -> dict:
-    """A JSON file that must hold an object; otherwise one EvalError line naming it and the fix."""
+    """A JSON file that must hold an object; otherwise one UserError line naming it and the fix."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{what} {path} is not valid JSON ({first_line(err)}): {fix}") from None
+        raise UserError(f"{what} {path} is not valid JSON ({first_line(err)}): {fix}") from None
     if not isinstance(data, dict):
-        raise EvalError(f"{what} {path} is not a JSON object: {fix}")
+        raise UserError(f"{what} {path} is not a JSON object: {fix}")
     return data
 
 
@@ -97,45 +93,22 @@ def read_texts(path: Path, what: str = "data file") -> list[str]:
             if "data/prepared" in path.as_posix()
             else "check the path"
         )
-        raise EvalError(f"{what} {path} not found: {hint}")
+        raise UserError(f"{what} {path} not found: {hint}")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise EvalError(
+        raise UserError(
             f"{what} {path} is not UTF-8 text ({err.reason}): re-save it as UTF-8"
         ) from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = _parse_jsonl(path, raw)
+        rows = read_text_rows(path, text=raw)
     else:
         rows = [p.strip() for p in re.split(r"\n[ \t]*\n", raw) if p.strip()]
     if not rows:
-        raise EvalError(
+        raise UserError(
             f"{what} {path} has no rows: give a file with at least one non-empty "
             + ('{"text": ...} line' if path.suffix.lower() in (".jsonl", ".json") else "paragraph")
         )
-    return rows
-
-
-def _parse_jsonl(path: Path, raw: str) -> list[str]:
-    fix = 'each line must be one JSON object like {"text": "..."}'
-    rows = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalError(f"{where}: not valid JSON ({err.msg}): {fix}") from None
-        if not isinstance(record, dict) or "text" not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise EvalError(f'{where}: no "text" key (found: {keys or "nothing"}): {fix}')
-        text = record["text"]
-        if not isinstance(text, str):
-            raise EvalError(f'{where}: "text" is {type(text).__name__}, not a string: {fix}')
-        if not text.strip():
-            raise EvalError(f'{where}: "text" is empty: remove the line or regenerate the file')
-        rows.append(text)
     return rows
 
 
@@ -148,14 +121,14 @@ def check_model_ref(model: str) -> None:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise EvalError(
+            raise UserError(
                 f"model {model} is not a Hugging Face model directory (no config.json): "
                 "pass the directory written by save_pretrained (e.g. models/tiny-mistral)"
             )
         return
     looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local or _offline():
-        raise EvalError(
+        raise UserError(
             f"model directory {model} not found: build it (python -m models.tiny_mistral or "
             "python -m models.smollm2) or pass --model with an existing directory"
             + (" (HF_HUB_OFFLINE=1, so hub ids are not downloaded)" if _offline() else "")
@@ -167,13 +140,13 @@ def read_adapter_config(adapter: Path) -> dict:
     adapter = Path(adapter)
     fix = "pass the axolotl output_dir of a LoRA run (adapter_config.json + adapter_model.*)"
     if not adapter.is_dir():
-        raise EvalError(f"adapter directory {adapter} not found: {fix}")
+        raise UserError(f"adapter directory {adapter} not found: {fix}")
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
-        raise EvalError(f"{config_file} not found: {fix}")
+        raise UserError(f"{config_file} not found: {fix}")
     config = load_json_object(config_file, "adapter config", fix)
     if not any((adapter / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise EvalError(f"{adapter} has no adapter_model.safetensors: {fix}")
+        raise UserError(f"{adapter} has no adapter_model.safetensors: {fix}")
     return config
 
 
@@ -183,7 +156,7 @@ def resolve_model_arg(model: str | None, adapter: Path | None) -> tuple[str, dic
     if model is None:
         base = (adapter_config or {}).get("base_model_name_or_path")
         if not base:
-            raise EvalError("--model is required (no --adapter whose adapter_config.json names it)")
+            raise UserError("--model is required (no --adapter whose adapter_config.json names it)")
         LOG.info("base model from adapter_config.json: %s", base)
         model = base
     check_model_ref(model)
@@ -213,35 +186,18 @@ def default_out_dir(adapter: Path | None) -> Path:
 
 
 def write_files_atomic(out_dir: Path, files: dict[str, str | bytes]) -> list[Path]:
-    """Write every file to a temp name in out_dir first, then rename them all into place, so an
-    error part-way leaves the previous outputs untouched."""
-    out_dir = Path(out_dir)
-    staged = []
-    umask = os.umask(0)
-    os.umask(umask)
+    """All files written into out_dir, or none (core.files.write_files), a failure as one
+    line."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-            staged.append((tmp, out_dir / name))  # before writing: a failed write is removed too
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files 0600
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        return write_files(out_dir, files)
     except OSError as err:
         raise write_error(out_dir, err) from None
-    finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    return [final for _, final in staged]
 
 
-def write_error(out_dir: Path, err: OSError) -> EvalError:
+def write_error(out_dir: Path, err: OSError) -> UserError:
     """A failed write (disk full, file-size limit, no permission, a file where a directory
     should be) as one line."""
-    return EvalError(f"cannot write the outputs in {out_dir} ({err.strerror or err}): free disk "
+    return UserError(f"cannot write the outputs in {out_dir} ({os_reason(err)}): free disk "
                      "space or fix the permissions there (or pass another --out) and re-run; "
                      "earlier outputs there are left as they were")
 
@@ -273,7 +229,7 @@ def resolve_device(load_in_4bit: bool = False):
         return torch.device("cuda"), torch.bfloat16
     problem = cuda_unavailable_problem()  # a GPU is there but CUDA cannot start (old driver)
     if load_in_4bit:
-        raise EvalError(
+        raise UserError(
             f"--load-in-4bit needs CUDA, and {problem}" if problem else
             "--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to evaluate in "
             "fp32 on this CPU"
@@ -297,13 +253,13 @@ def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | No
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
-        raise EvalError(load_problem(err, source) or (
+        raise UserError(load_problem(err, source) or (
             f"cannot load the tokenizer of {source} ({first_line(err)}): "
             "pass --tokenizer DIR with tokenizer files")) from None
     vocab = tok.get_vocab()
     for flag, value in (("--eos-token", eos_token), ("--pad-token", pad_token)):
         if value is not None and value not in vocab:
-            raise EvalError(f"{flag} {value!r} is not in the vocabulary of {source}: "
+            raise UserError(f"{flag} {value!r} is not in the vocabulary of {source}: "
                             "pass a token the tokenizer knows")
     if eos_token is not None:
         tok.eos_token = eos_token
@@ -363,7 +319,7 @@ def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = Fal
         if not load_in_4bit:
             base.to(device)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
-        raise EvalError(load_problem(err, model, load_in_4bit) or (
+        raise UserError(load_problem(err, model, load_in_4bit) or (
             f"cannot load model {model} ({first_line(err)}): pass --model with a "
             "causal-LM directory written by save_pretrained")) from None
     if adapter is not None:
@@ -374,7 +330,7 @@ def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = Fal
         try:
             base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
         except Exception as err:  # noqa: BLE001 - peft's shape/key errors become one line
-            raise EvalError(
+            raise UserError(
                 f"adapter {adapter} does not load on {model} ({first_line(err)}): pass the "
                 f"--model it was trained on ({config.get('base_model_name_or_path', '?')})"
             ) from None
@@ -398,7 +354,7 @@ def check_adapter_fits(model, adapter: Path, model_ref: str, config: dict) -> No
     try:
         handle = safe_open(str(weights), framework="pt")
     except Exception as err:  # noqa: BLE001
-        raise EvalError(f"{weights} is unreadable ({first_line(err)}): retrain or re-copy it"
+        raise UserError(f"{weights} is unreadable ({first_line(err)}): retrain or re-copy it"
                         ) from None
     for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
         match = _LORA_KEY.match(key)
@@ -408,7 +364,7 @@ def check_adapter_fits(model, adapter: Path, model_ref: str, config: dict) -> No
         try:
             layer = model.get_submodule(name)
         except AttributeError:
-            raise EvalError(f"adapter {adapter} adapts {name}, which model {model_ref} does not "
+            raise UserError(f"adapter {adapter} adapts {name}, which model {model_ref} does not "
                             f"have: {fix}") from None
         if not hasattr(layer, "in_features"):
             continue
@@ -418,7 +374,7 @@ def check_adapter_fits(model, adapter: Path, model_ref: str, config: dict) -> No
             else (layer.out_features, shape[0], "output")
         )
         if want != got:
-            raise EvalError(
+            raise UserError(
                 f"adapter {adapter} does not fit model {model_ref}: {key} has shape "
                 f"{list(shape)} for {side} size {got}, but {name} has {side} size {want}: {fix}"
             )

@@ -46,11 +46,10 @@ import time
 import unicodedata
 from pathlib import Path
 
-from data_prep.prepare import sha256_of
+from core.errors import UserError
+from core.files import sha256_of
+from core.runs import DEFAULT_TRAIN_DATA, GENERATIONS_JSON, GENERATIONS_MD
 from eval.common import (
-    DEFAULT_TRAIN_DATA,
-    GENERATIONS_JSON,
-    EvalError,
     LoadedModel,
     base_model_context,
     default_out_dir,
@@ -61,8 +60,7 @@ from eval.common import (
     model_device,
     read_texts,
     resolve_model_arg,
-    run_main,
-    setup_logging,
+    script_main,
     utc_timestamp,
     write_files_atomic,
 )
@@ -155,18 +153,18 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     if args.max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature <= 0:
-        raise EvalError(f"--temperature {args.temperature} must be > 0 (greedy is always run)")
+        raise UserError(f"--temperature {args.temperature} must be > 0 (greedy is always run)")
     if not 0 < args.top_p <= 1:
-        raise EvalError(f"--top-p {args.top_p} must be in (0, 1]")
+        raise UserError(f"--top-p {args.top_p} must be in (0, 1]")
     if args.samples < 0:
-        raise EvalError(f"--samples {args.samples} must be >= 0")
+        raise UserError(f"--samples {args.samples} must be >= 0")
     if args.batch_size < 0:
-        raise EvalError(f"--batch-size {args.batch_size} must be >= 0 (0 = all rows at once)")
+        raise UserError(f"--batch-size {args.batch_size} must be >= 0 (0 = all rows at once)")
     for prompt in args.prompt or []:
         if not prompt.strip():
-            raise EvalError("--prompt is empty: give some text to continue")
+            raise UserError("--prompt is empty: give some text to continue")
 
 
 MAX_BATCH = 64  # rows per generate() call when --batch-size is 0 (all rows of a model)
@@ -242,7 +240,7 @@ def generate_batch(model, tok, prompts: list[str], seeds: list[int | None], args
             out = model.generate(input_ids=input_ids, attention_mask=attention,
                                  generation_config=config, logits_processor=processors)
     except torch.OutOfMemoryError:
-        raise EvalError(f"out of GPU memory while generating a batch of {len(prompts)} rows: "
+        raise UserError(f"out of GPU memory while generating a batch of {len(prompts)} rows: "
                         "lower --batch-size (e.g. --batch-size 4)") from None
     results = []
     for row, prompt_ids in zip(out[:, width:].tolist(), ids, strict=True):
@@ -356,7 +354,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     index = None
     if not args.no_memorisation:
         if not Path(args.train).is_file():
-            raise EvalError(f"training text {args.train} not found (for the memorisation check): "
+            raise UserError(f"training text {args.train} not found (for the memorisation check): "
                             "run `python -m data_prep`, pass --train FILE or --no-memorisation")
         index = TrainingIndex(read_texts(args.train, what="training text"))
         LOG.info("memorisation index: %d words, %d distinct %d-grams from %s",
@@ -433,7 +431,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     markdown = render_markdown(result)
     written = write_files_atomic(out_dir, {
         GENERATIONS_JSON: json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-        "generations.md": markdown,
+        GENERATIONS_MD: markdown,
     })
     print(markdown)
     for path in written:
@@ -441,10 +439,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    return run_main(run, args)
+main = script_main(parse_args, run)
 
 
 if __name__ == "__main__":

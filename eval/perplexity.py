@@ -43,11 +43,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.prepare import sha256_of
+from core.errors import UserError
+from core.files import sha256_of
+from core.runs import DEFAULT_EVAL_DATA, PERPLEXITY_JSON, PERPLEXITY_MD
 from eval.common import (
-    DEFAULT_EVAL_DATA,
-    PERPLEXITY_JSON,
-    EvalError,
     LoadedModel,
     base_model_context,
     context_prefix_id,
@@ -59,8 +58,7 @@ from eval.common import (
     model_device,
     read_texts,
     resolve_model_arg,
-    run_main,
-    setup_logging,
+    script_main,
     utc_timestamp,
     write_files_atomic,
 )
@@ -142,16 +140,16 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     if args.compare and args.adapter is None:
-        raise EvalError("--compare needs --adapter DIR (it compares the base with base+adapter)")
+        raise UserError("--compare needs --adapter DIR (it compares the base with base+adapter)")
     if args.window < 2:
-        raise EvalError(f"--window {args.window} is too small: use at least 2 tokens")
+        raise UserError(f"--window {args.window} is too small: use at least 2 tokens")
     if not 1 <= args.stride <= args.window:
-        raise EvalError(f"--stride {args.stride} must be between 1 and --window {args.window}: "
+        raise UserError(f"--stride {args.stride} must be between 1 and --window {args.window}: "
                         "a larger stride would skip tokens")
     if args.batch_size < 1:
-        raise EvalError(f"--batch-size {args.batch_size} must be >= 1")
+        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     if args.max_rows is not None and args.max_rows < 1:
-        raise EvalError(f"--max-rows {args.max_rows} must be >= 1")
+        raise UserError(f"--max-rows {args.max_rows} must be >= 1")
 
 
 def read_datasets(data: list[Path], control: list[Path], max_rows: int | None) -> list[Dataset]:
@@ -396,7 +394,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
                 metrics[label], throughput[label] = score_model(
                     model, datasets, args, label, pad_id)
         except torch.OutOfMemoryError:
-            raise EvalError(f"out of GPU memory while scoring {args.batch_size} windows of up to "
+            raise UserError(f"out of GPU memory while scoring {args.batch_size} windows of up to "
                             f"{args.window} tokens at once: lower --batch-size (e.g. "
                             f"--batch-size {max(1, args.batch_size // 4)})") from None
 
@@ -444,7 +442,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     written = write_files_atomic(out_dir, {
         PERPLEXITY_JSON: json.dumps(finite_or_none(result), indent=2, ensure_ascii=False,
                                     allow_nan=False) + "\n",
-        "perplexity.md": markdown,
+        PERPLEXITY_MD: markdown,
     })
     print(markdown)
     for path in written:
@@ -452,10 +450,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    return run_main(run, args)
+main = script_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,14 @@ scores exactly what `axolotl train RECIPE` wrote. From a run directory the base 
 its adapter_config.json and the data from data/prepared/clean/. The control text defaults to
 eval/control_passage.txt.
 
-Outputs: RUN/eval/perplexity.{json,md}, RUN/eval/generations.{json,md}, RUN/report.md,
-RUN/report/*.png and RUN/eval/evaluation.json (what was run, and the seconds of each part).
+What a recipe's run is (its data, output and eval directories, file names, metric keys) is
+defined once, in core/runs.py. Outputs: RUN/eval/perplexity.{json,md},
+RUN/eval/generations.{json,md}, RUN/report.md, RUN/report/*.png and RUN/eval/evaluation.json
+(what was run, the seconds of each part, and the corpus perplexity of the held-out and the
+control text, base -> adapter, under `held_out_corpus_ppl` / `control_corpus_ppl`).
+
+From Python (the demo, scripts): `evaluate(target, *options)` takes the same arguments as the
+command line and returns what evaluation.json holds; a bad input raises core.errors.UserError.
 """
 
 from __future__ import annotations
@@ -30,18 +36,27 @@ import shlex
 import time
 from pathlib import Path
 
-from eval.common import (
+from core.errors import UserError
+from core.runs import (
+    ADAPTER,
+    BASE,
+    CONTROL,
+    CONTROL_CORPUS_PPL,
+    CORPUS_PPL,
     DEFAULT_EVAL_DATA,
     DEFAULT_TRAIN_DATA,
-    EVAL_SUBDIR,
-    EvalError,
+    EVALUATION_JSON,
+    HELD_OUT,
+    HELD_OUT_CORPUS_PPL,
+    Run,
+)
+from eval.common import (
     load_for_eval,
     quiet_library_logs,
     read_adapter_config,
     resolve_device,
     resolve_model_arg,
-    run_main,
-    setup_logging,
+    script_main,
     utc_timestamp,
     write_files_atomic,
 )
@@ -49,7 +64,6 @@ from eval.common import (
 LOG = logging.getLogger("eval.pipeline")
 
 CONTROL_TEXT = Path(__file__).resolve().parent / "control_passage.txt"
-EVALUATION_JSON = "evaluation.json"
 PARTS = ("perplexity", "generate", "report")
 
 
@@ -92,74 +106,48 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_recipe(path: Path) -> dict:
-    """The fields of an axolotl recipe this evaluation needs."""
-    import yaml
-
-    if not path.is_file():
-        raise EvalError(f"recipe {path} not found: pass an axolotl recipe (.yml) or a run "
-                        "directory")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise EvalError(f"recipe {path} is not valid YAML{where}: fix it (python -m "
-                        "recipes.guard checks it)") from None
-    if not isinstance(cfg, dict) or not cfg.get("output_dir") or not cfg.get("base_model"):
-        raise EvalError(f"recipe {path} has no output_dir or base_model: pass the recipe the "
-                        "run was trained with")
-
-    def first_path(key: str) -> Path | None:
-        entries = cfg.get(key) or []
-        entry = entries[0] if isinstance(entries, list) and entries else {}
-        return Path(entry["path"]) if isinstance(entry, dict) and entry.get("path") else None
-
-    special = cfg.get("special_tokens") or {}
-    return {
-        "base_model": str(cfg["base_model"]),
-        "run_dir": Path(cfg["output_dir"]),
-        "eval_data": first_path("test_datasets"),
-        "train_data": first_path("datasets"),
-        "load_in_4bit": bool(cfg.get("load_in_4bit")),
-        "eos_token": special.get("eos_token") if isinstance(special, dict) else None,
-        "pad_token": special.get("pad_token") if isinstance(special, dict) else None,
-    }
+def target_run(target: Path) -> Run:
+    """The run a recipe trained (its output_dir), or a bare run directory."""
+    if target.suffix in (".yml", ".yaml") or target.is_file():
+        if not target.is_file():
+            raise UserError(f"recipe {target} not found: pass an axolotl recipe (.yml) or a run "
+                            "directory")
+        run = Run.from_recipe(target)
+        if run.output_dir is None or not run.base_model:
+            raise UserError(f"recipe {target} has no output_dir or base_model: pass the recipe "
+                            "the run was trained with")
+        return run
+    if not target.is_dir():
+        raise UserError(f"{target} not found: pass an axolotl recipe (.yml) or the run "
+                        "directory (output_dir) that holds the adapter")
+    return Run.from_output_dir(target)
 
 
 def plan(args) -> dict:
     """What to evaluate, from the target and the flags (no heavy imports)."""
     target = args.target
-    if target.suffix in (".yml", ".yaml") or target.is_file():
-        recipe = read_recipe(target)
-    else:
-        if not target.is_dir():
-            raise EvalError(f"{target} not found: pass an axolotl recipe (.yml) or the run "
-                            "directory (output_dir) that holds the adapter")
-        recipe = {"base_model": None, "run_dir": target, "eval_data": None, "train_data": None,
-                  "load_in_4bit": False, "eos_token": None, "pad_token": None}
-    run_dir = recipe["run_dir"]
-    if not (run_dir / "adapter_config.json").is_file():
-        raise EvalError(f"{run_dir}/adapter_config.json not found: train first (axolotl train "
+    run = target_run(target)
+    if not run.adapter_config.is_file():
+        raise UserError(f"{run.adapter_config} not found: train first (axolotl train "
                         f"{target if target.suffix in ('.yml', '.yaml') else 'RECIPE'}), or "
                         "pass the run directory that holds the adapter")
-    read_adapter_config(run_dir)
+    read_adapter_config(run.output_dir)
     skip = {p.strip() for p in args.skip.split(",") if p.strip()}
     unknown = skip - set(PARTS)
     if unknown:
-        raise EvalError(f"--skip {args.skip}: unknown part(s) {sorted(unknown)}; choose from "
+        raise UserError(f"--skip {args.skip}: unknown part(s) {sorted(unknown)}; choose from "
                         f"{', '.join(PARTS)}")
     return {
         "target": str(target),
-        "model": args.model or recipe["base_model"],
-        "run_dir": run_dir,
-        "load_in_4bit": recipe["load_in_4bit"] if args.load_in_4bit is None
-        else args.load_in_4bit,
-        "data": args.data or [recipe["eval_data"] or DEFAULT_EVAL_DATA],
+        "run": run,
+        "model": args.model or run.base_model,
+        "run_dir": run.output_dir,
+        "load_in_4bit": run.load_in_4bit if args.load_in_4bit is None else args.load_in_4bit,
+        "data": args.data or [run.eval_data],
         "control": [] if args.no_control else (args.control or [CONTROL_TEXT]),
-        "train": args.train or recipe["train_data"] or DEFAULT_TRAIN_DATA,
-        "eos_token": args.eos_token or recipe["eos_token"],
-        "pad_token": args.pad_token or recipe["pad_token"],
+        "train": args.train or run.train_data,
+        "eos_token": args.eos_token or run.eos_token,
+        "pad_token": args.pad_token or run.pad_token,
         "parts": [p for p in PARTS if p not in skip],
     }
 
@@ -206,17 +194,17 @@ def run(args) -> dict:
     if "perplexity" in p["parts"]:
         perplexity.read_datasets(ppl_args.data, ppl_args.control, ppl_args.max_rows)
     if "generate" in p["parts"] and not args.no_memorisation and not Path(p["train"]).is_file():
-        raise EvalError(f"training text {p['train']} not found (for the memorisation check): "
+        raise UserError(f"training text {p['train']} not found (for the memorisation check): "
                         "run `python -m data_prep`, pass --train FILE or --no-memorisation")
     model_ref, _ = resolve_model_arg(p["model"], p["run_dir"])
     if p["load_in_4bit"] and args.load_in_4bit is None:  # 4-bit because the recipe says so
         quiet_library_logs()
         try:
             resolve_device(load_in_4bit=True)
-        except EvalError as err:
+        except UserError as err:
             if not str(err).startswith("--load-in-4bit needs a CUDA GPU"):
                 raise
-            raise EvalError(f"{args.target} sets load_in_4bit: true, which needs a CUDA GPU "
+            raise UserError(f"{args.target} sets load_in_4bit: true, which needs a CUDA GPU "
                             "(bitsandbytes nf4): pass --no-load-in-4bit to evaluate in fp32 "
                             "on this CPU") from None
 
@@ -253,13 +241,13 @@ def run(args) -> dict:
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if "perplexity" in results:
-        held_out = results["perplexity"]["datasets"][0]
-        summary["held_out_corpus_ppl"] = {m: held_out["metrics"][m]["corpus_ppl"]
-                                          for m in results["perplexity"]["models"]}
+        for key, kind in ((HELD_OUT_CORPUS_PPL, HELD_OUT), (CONTROL_CORPUS_PPL, CONTROL)):
+            figures = corpus_ppl(results["perplexity"], kind)
+            if figures:
+                summary[key] = figures
     if "generate" in results:
         summary["generation"] = results["generate"]["timing"]
-    write_files_atomic(p["run_dir"] / EVAL_SUBDIR,
-                       {EVALUATION_JSON: json.dumps(summary, indent=2) + "\n"})
+    write_files_atomic(p["run"].eval_dir, {EVALUATION_JSON: json.dumps(summary, indent=2) + "\n"})
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total")
     gen = summary.get("generation")
     rate = f" ({gen['tokens_per_s']:,.0f} generated tokens/s)" if gen and gen["tokens_per_s"] else ""
@@ -267,10 +255,25 @@ def run(args) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    return run_main(run, args)
+def corpus_ppl(perplexity_result: dict, kind: str) -> dict | None:
+    """{model: corpus perplexity, ..., "change_pct": base -> adapter} of the first dataset of
+    `kind` (held-out or control) in perplexity.json, or None."""
+    dataset = next((d for d in perplexity_result["datasets"] if d["kind"] == kind), None)
+    if dataset is None:
+        return None
+    figures = {m: dataset["metrics"][m][CORPUS_PPL] for m in perplexity_result["models"]}
+    if {BASE, ADAPTER} <= set(figures):
+        figures["change_pct"] = dataset["relative_change_pct"][CORPUS_PPL]
+    return figures
+
+
+def evaluate(target: Path | str, *options: str) -> dict:
+    """`python -m eval TARGET OPTIONS...` from Python: the evaluation.json summary; a bad input
+    raises core.errors.UserError (its message is the one-line error)."""
+    return run(parse_args([str(target), *map(str, options)]))
+
+
+main = script_main(parse_args, run)
 
 
 if __name__ == "__main__":

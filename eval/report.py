@@ -19,47 +19,41 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
-from eval.common import (
+from core.errors import UserError
+from core.files import staged_dir, staged_file
+from core.runs import (
+    CHART_DIR,
     EVAL_SUBDIR,
     GENERATIONS_JSON,
     PERPLEXITY_JSON,
-    EvalError,
+    REPORT_MD,
+    TENSORBOARD_DIR,
+    trainer_state_files,
+)
+from eval.common import (
     fmt,
     load_json_object,
-    run_main,
-    setup_logging,
+    script_main,
     utc_timestamp,
     write_error,
 )
 
 LOG = logging.getLogger("eval.report")
 
-REPORT_MD = "report.md"
-CHART_DIR = "report"
 COLOURS = {"base": "#8c8c8c", "adapter": "#c0392b", "train": "#2c7fb8", "eval": "#d95f0e"}
 
 
 def find_trainer_state(run_dir: Path) -> tuple[Path, dict] | None:
-    """The trainer_state.json with the highest global_step (top level wins ties), or None."""
-    candidates = []
-    top = run_dir / "trainer_state.json"
-    if top.is_file():
-        candidates.append((top, 1))
-    for path in run_dir.glob("checkpoint-*/trainer_state.json"):
-        if re.fullmatch(r"checkpoint-\d+", path.parent.name):
-            candidates.append((path, 0))
+    """The trainer_state.json with the highest global_step (top level wins ties), or None; a
+    broken one is an error naming it (the report would otherwise show an older log)."""
     best = None
-    for path, is_top in candidates:
+    for path, is_top in trainer_state_files(run_dir):
         state = load_json_object(path, "trainer log",
                                  "delete the broken checkpoint or re-run training")
         if not isinstance(state.get("log_history"), list):
-            raise EvalError(f"trainer log {path} has no log_history list: it is not a Hugging "
+            raise UserError(f"trainer log {path} has no log_history list: it is not a Hugging "
                             "Face trainer_state.json; delete it or re-run training")
         key = (int(state.get("global_step") or 0), is_top)
         if best is None or key > best[0]:
@@ -259,7 +253,7 @@ def render_report(run_dir: Path, sources: dict, curves, ppl, gens, charts: list[
 
 def tensorboard_line(run_dir: Path) -> str | None:
     """Where the run's TensorBoard event files are (recipes set `use_tensorboard: true`)."""
-    runs = run_dir / "runs"
+    runs = run_dir / TENSORBOARD_DIR
     if not any(runs.glob("*/events.out.tfevents.*")):
         return None
     return (f"Every logged metric per step (loss, learning rate, grad norm, tokens/s) is in "
@@ -295,7 +289,7 @@ def parse_args(argv=None):
 def run(args) -> Path:
     run_dir = args.run_dir
     if not run_dir.is_dir():
-        raise EvalError(f"run directory {run_dir} not found: pass the axolotl output_dir of a run")
+        raise UserError(f"run directory {run_dir} not found: pass the axolotl output_dir of a run")
     inputs = {}
     for name, given, default, producer in (
         ("perplexity", args.perplexity, PERPLEXITY_JSON, "eval.perplexity"),
@@ -303,29 +297,29 @@ def run(args) -> Path:
     ):
         path = given or run_dir / EVAL_SUBDIR / default
         if given and not given.is_file():
-            raise EvalError(f"{name} file {given} not found: check the path or drop --{name}")
+            raise UserError(f"{name} file {given} not found: check the path or drop --{name}")
         inputs[name] = (path, load_json_object(path, f"{name} results",
                                          f"re-run python -m {producer}")) if path.is_file() \
             else (None, None)
     for name, key in (("perplexity", "datasets"), ("generations", "generations")):
         path, data = inputs[name]
         if data is not None and not isinstance(data.get(key), list):
-            raise EvalError(f"{name} results {path} have no '{key}' list: re-run the eval script")
+            raise UserError(f"{name} results {path} have no '{key}' list: re-run the eval script")
     state = find_trainer_state(run_dir)
     curves = loss_curves(state[1]) if state else None
     ppl, gens = inputs["perplexity"][1], inputs["generations"][1]
     sources = {"trainer log": state[0] if state else None,
                "perplexity": inputs["perplexity"][0], "generations": inputs["generations"][0]}
     if not any(sources.values()):
-        raise EvalError(
+        raise UserError(
             f"nothing to report in {run_dir}: no trainer_state.json and no "
             f"{EVAL_SUBDIR}/{PERPLEXITY_JSON} or {EVAL_SUBDIR}/{GENERATIONS_JSON}; run axolotl "
             "train, python -m eval.perplexity and python -m eval.generate first")
 
+    markdown_path, chart_dir = run_dir / REPORT_MD, run_dir / CHART_DIR
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes RUN_DIR/report
-        try:
+        # the chart folder is swapped first, then the report; nothing if anything fails
+        with staged_file(markdown_path) as markdown_tmp, staged_dir(chart_dir) as staging:
             charts = []
             if curves and (curves["train"] or curves["eval"]):
                 plot_losses(curves, staging / "loss.png")
@@ -334,35 +328,15 @@ def run(args) -> Path:
                 plot_perplexity(ppl, staging / "perplexity.png")
                 charts.append("perplexity.png")
             markdown = render_report(run_dir, sources, curves, ppl, gens, charts)
-            (staging / REPORT_MD).write_text(markdown, encoding="utf-8")
-            # Swap the chart folder, then the report; the old folder is removed last.
-            final_charts, old = run_dir / CHART_DIR, None
-            if final_charts.exists():
-                old = Path(tempfile.mkdtemp(prefix=".report-old-", dir=run_dir))
-                os.replace(final_charts, old / CHART_DIR)
-            os.replace(staging / REPORT_MD, run_dir / REPORT_MD)
-            os.replace(staging, final_charts)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            markdown_tmp.write_text(markdown, encoding="utf-8")
     except OSError as err:
         raise write_error(run_dir, err) from None
-    print(f"wrote {run_dir / REPORT_MD} and {len(charts)} chart(s) in {final_charts}: "
+    print(f"wrote {markdown_path} and {len(charts)} chart(s) in {chart_dir}: "
           + ", ".join(charts))
-    return run_dir / REPORT_MD
+    return markdown_path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    return run_main(run, args)
+main = script_main(parse_args, run)
 
 
 if __name__ == "__main__":

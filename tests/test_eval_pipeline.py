@@ -11,8 +11,9 @@ import sys
 import yaml
 from _eval_helpers import REPO, TEXTS, adapter_dir, tiny_model_dir, write_jsonl
 
+from core.runs import CONTROL_CORPUS_PPL, HELD_OUT_CORPUS_PPL, Run
 from eval import generate, perplexity
-from eval.pipeline import main
+from eval.pipeline import evaluate, main
 
 
 def _recipe(tmp_path, run):
@@ -50,6 +51,16 @@ def test_recipe_evaluation_equals_the_three_scripts(tmp_path, capsys):
     assert [d["path"] for d in ppl["datasets"]] == [str(held_out), str(REPO / "eval" /
                                                                        "control_passage.txt")]
     assert ppl["models"] == ["base", "adapter"] and gens["memorisation"]["train"] == str(train)
+    # the key figures, named as core.runs names them (what the demo and gpu-check read)
+    for key, dataset in ((HELD_OUT_CORPUS_PPL, ppl["datasets"][0]),
+                         (CONTROL_CORPUS_PPL, ppl["datasets"][1])):
+        assert summary[key] == {"base": dataset["metrics"]["base"]["corpus_ppl"],
+                                "adapter": dataset["metrics"]["adapter"]["corpus_ppl"],
+                                "change_pct": dataset["relative_change_pct"]["corpus_ppl"]}
+    assert Run.from_recipe(recipe).evaluation_json == run / "eval" / "evaluation.json"
+    # from Python, with the command line's options: the report again, no model load
+    again = evaluate(recipe, "--skip", "perplexity,generate")
+    assert again["parts"] == ["report"] and set(again["seconds"]) == {"report", "total"}
 
     # the standalone scripts the summary names give the same numbers and texts
     standalone = tmp_path / "standalone"
