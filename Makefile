@@ -7,8 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 # Laptops/CI without a GPU: point this at https://download.pytorch.org/whl/cpu to get the small
-# CPU build of torch instead of the multi-GB CUDA one (left empty here: this machine's pip
-# already resolves torch 2.13.0 to a local CPU wheel).
+# CPU build of torch instead of the multi-GB CUDA one (left empty by default: pip then installs
+# whatever torch 2.13.0 your package index or pip configuration resolves to).
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 

@@ -11,20 +11,21 @@ machine without the hub. Weights are initialised directly on `--device` in `--dt
 the GPU takes ~25 s), then saved with safetensors. The Mistral tokenizer is written beside them:
 from `--tokenizer-from DIR` (a directory saved by `save_pretrained`, e.g. one made here with
 `--tokenizer-only`, needed where the `mistral_common` package is missing), else from
-`data_prep.tokenizer.load_mistral_tokenizer()`. The output directory appears atomically;
-an existing build with the same spec is kept.
+`data_prep.tokenizer.load_mistral_tokenizer()`. The output directory appears atomically (a
+staging folder renamed into place, as models/ builds are); an existing build with the same spec
+is kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from core.errors import UserError, cli
+from models import install_atomically, is_built
 
 LOG = logging.getLogger("bench.build_random_mistral")
 
@@ -58,7 +59,7 @@ def save_tokenizer(out_dir: Path, tokenizer_from: Path | None) -> None:
         return
     copied = [name for name in TOKENIZER_FILES if (tokenizer_from / name).is_file()]
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
-        raise SystemExit(
+        raise UserError(
             f"--tokenizer-from {tokenizer_from}: no tokenizer.json or tokenizer.model there; "
             "make it with `python -m bench.build_random_mistral --tokenizer-only --out DIR`"
         )
@@ -75,13 +76,12 @@ def build(out_dir: Path, tiny: bool = False, device: str = "cuda", dtype: str = 
 
     shape = TINY_SHAPE if tiny else MISTRAL_7B_SHAPE
     spec = {"shape": shape, "dtype": dtype, "seed": seed}
-    marker = out_dir / BUILD_MARKER
-    if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
+    if not force and is_built(out_dir, spec, BUILD_MARKER):
         LOG.info("kept existing %s", out_dir)
         print(f"random Mistral: kept existing {out_dir}")
         return out_dir
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --tiny)")
+        raise UserError("--device cuda: no CUDA device here; pass --device cpu (with --tiny)")
 
     from transformers import MistralForCausalLM
 
@@ -96,17 +96,11 @@ def build(out_dir: Path, tiny: bool = False, device: str = "cuda", dtype: str = 
     built_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in model.parameters())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging, max_shard_size="5GB")
         save_tokenizer(staging, tokenizer_from)
-        (staging / BUILD_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    install_atomically(out_dir, spec, fill, BUILD_MARKER)
     saved_s = time.perf_counter() - started - built_s
     size_gb = sum(f.stat().st_size for f in out_dir.iterdir()) / 1e9
     print(f"random Mistral: {n_params:,} parameters ({dtype}) built on {device} in {built_s:.1f} s,"
@@ -114,7 +108,7 @@ def build(out_dir: Path, tiny: bool = False, device: str = "cuda", dtype: str = 
     return out_dir
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model directory")
     parser.add_argument("--tiny", action="store_true",
@@ -125,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-from", type=Path, default=None,
                         help="copy tokenizer files from this directory instead of mistral_common")
     parser.add_argument("--tokenizer-only", action="store_true",
-                        help="write only the tokenizer files into --out (to carry to the GPU)")
+                        help="write only the tokenizer files into --out (to copy to a GPU box)")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -137,6 +131,9 @@ def main(argv=None) -> int:
     build(args.out, tiny=args.tiny, device=args.device, dtype=args.dtype, seed=args.seed,
           tokenizer_from=args.tokenizer_from, force=args.force)
     return 0
+
+
+main = cli(run, prog="bench.build_random_mistral")
 
 
 if __name__ == "__main__":

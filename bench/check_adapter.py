@@ -6,15 +6,19 @@ Usage:
 Reads adapter_config.json and adapter_model.safetensors, compares every lora_A/lora_B shape with
 what the base model's config implies for the configured rank, then loads the adapter onto the
 base model with peft (bf16, GPU if present) and runs one forward pass. Used after the FSDP2 run to
-show that the sharded run saved an ordinary, loadable PEFT adapter. Exit 1 on any mismatch.
+show that the sharded run saved an ordinary, loadable PEFT adapter. Exit 1 on any mismatch, 2
+when there is no adapter to check (core/errors.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
+from core.files import write_file
+from core.runs import ADAPTER_CONFIG
 
 
 def expected_shapes(config, rank: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
@@ -67,21 +71,23 @@ def check(adapter_dir: Path, model_dir: Path) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--model", type=Path, required=True, help="base model directory")
     parser.add_argument("--out", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    if not (args.adapter / "adapter_config.json").is_file():
-        print(f"error: {args.adapter}: no adapter_config.json (did the run save?)", file=sys.stderr)
-        return 1
+    if not (args.adapter / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{args.adapter}: no {ADAPTER_CONFIG} (did the run save?)")
     result = check(args.adapter, args.model)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
-    return 0 if result["shapes_ok"] and result["forward_finite"] else 1
+        write_file(args.out, text + "\n")
+    return EXIT_OK if result["shapes_ok"] and result["forward_finite"] else EXIT_FAILED
+
+
+main = cli(run)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from core.errors import EXIT_FAILED, EXIT_OK, cli
+from core.files import write_file, write_files
+from core.runs import (
+    HELD_OUT_CORPUS_PPL,
+    Run,
+    checkpoint_complete,
+    checkpoints,
+    load_recipe,
+    newest_trainer_state,
+    parse_overrides,
+    read_trainer_state,
+    write_recipe,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
@@ -238,8 +250,8 @@ class Check:
         self.done = {name: threading.Event() for name in STAGES}
         self.model_ref: str | None = None
         self.model_kind: str | None = None
-        self.recipe_cfg = yaml.safe_load((REPO / args.recipe).read_text(encoding="utf-8"))
-        self.overrides = parse_sets(args.set)
+        self.recipe_cfg = load_recipe(REPO / args.recipe)
+        self.overrides = parse_overrides(args.set)
         self.lane_a = self.gpus[0]["index"] if self.gpus else None
         self.lane_b = self.gpus[1]["index"] if len(self.gpus) > 1 else self.lane_a
         self.env_base = self._env()
@@ -278,20 +290,14 @@ class Check:
         return [sys.executable, "-m", module, str(recipe)]
 
     def write_recipe(self, name: str) -> Path:
-        cfg = dict(self.recipe_cfg)
-        cfg.update(self.overrides)
-        cfg["base_model"] = self.model_ref
-        cfg["output_dir"] = str(self.work / name)
-        cfg["dataset_prepared_path"] = str(self.work / f"prepared-{name}")
+        overrides = {**self.overrides, "base_model": self.model_ref,
+                     "output_dir": str(self.work / name),
+                     "dataset_prepared_path": str(self.work / f"prepared-{name}")}
         if self.model_kind == "random-init":
             # a random-init model's loss starts near ln(32000) = 10.4, above the watchdog
             # threshold the recipe sets for real weights, which would stop it after 3 steps
-            for key in ("loss_watchdog_threshold", "loss_watchdog_patience"):
-                cfg.pop(key, None)
-        path = self.work / "recipes" / f"{name}.yml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return path
+            overrides.update(loss_watchdog_threshold=None, loss_watchdog_patience=None)
+        return write_recipe(self.recipe_cfg, self.work / "recipes" / f"{name}.yml", overrides)
 
     def blocked(self, stage: Stage, *needs: str) -> bool:
         """Mark `stage` skipped when it is skipped by the user, a stage it needs is not ok, or
@@ -426,17 +432,16 @@ class Check:
         stage = self.stages["train_interrupted"]
         if self.blocked(stage, "data_prep", "model"):
             return self.complete(stage.name)
-        out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        out = Run.from_recipe(recipe).output_dir
         found: dict = {}
 
         def first_checkpoint() -> bool:
-            for checkpoint in sorted(out.glob("checkpoint-*")):
-                state = checkpoint / "trainer_state.json"
-                with contextlib.suppress(OSError, ValueError):
-                    step = json.loads(state.read_text())["global_step"]
-                    found.update(checkpoint=checkpoint, step=step, at_s=self.elapsed())
-                    return True
-            return False
+            complete = next((c for c in checkpoints(out) if checkpoint_complete(c)), None)
+            if complete is None:
+                return False
+            step = read_trainer_state(complete / "trainer_state.json")["global_step"]
+            found.update(checkpoint=complete, step=step, at_s=self.elapsed())
+            return True
 
         self.run(stage, self.axolotl("train", recipe), self.lane_a, watch=first_checkpoint)
         if found and stage.status != "timeout":
@@ -457,7 +462,7 @@ class Check:
             return self.complete(stage.name)
         self.run(stage, self.axolotl("train", recipe), self.lane_a)
         checkpoint = self.stages["train_interrupted"].key.get("checkpoint")
-        out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        out = Run.from_recipe(recipe).output_dir
         log = Path(stage.log).read_text(errors="replace")
         resumed = re.search(r"resume from checkpoint at (\S*checkpoint-(\d+))", log)
         stage.key = train_figures(out)
@@ -472,7 +477,7 @@ class Check:
                                 f"{state.get('max_steps')}")
             if state.get("steps_logged_twice"):
                 problems.append(f"steps logged twice: {state['steps_logged_twice']}")
-            if not (out / "adapter_model.safetensors").is_file():
+            if not Run.from_recipe(recipe).has_adapter():
                 problems.append("no final adapter_model.safetensors")
             if problems:
                 stage.status, stage.note = "failed", "; ".join(problems)
@@ -482,7 +487,7 @@ class Check:
         stage = self.stages["train_reference"]
         if not self.blocked(stage, "data_prep", "model"):
             self.run(stage, self.axolotl("train", recipe), self.lane_b)
-            stage.key = train_figures(Path(yaml.safe_load(recipe.read_text())["output_dir"]))
+            stage.key = train_figures(Run.from_recipe(recipe).output_dir)
         self.complete("train_reference")
 
     def evaluate(self, recipe: Path):
@@ -491,8 +496,7 @@ class Check:
             cmd = [sys.executable, "-m", "eval", str(recipe), "--no-progress",
                    *shlex.split(self.args.eval_args)]
             self.run(stage, cmd, self.lane_a)
-            run_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
-            summary = run_dir / "eval" / "evaluation.json"
+            summary = Run.from_recipe(recipe).evaluation_json
             if summary.is_file():
                 stage.key = eval_figures(json.loads(summary.read_text()), stage.wall_s)
         self.complete("evaluate")
@@ -501,7 +505,7 @@ class Check:
         stage = self.stages["merge"]
         if not self.blocked(stage, "train_resumed"):
             self.run(stage, self.axolotl("merge-lora", recipe), self.lane_b)
-            merged = Path(yaml.safe_load(recipe.read_text())["output_dir"]) / "merged"
+            merged = Run.from_recipe(recipe).merged_dir
             weights = list(merged.glob("*.safetensors"))
             if stage.status == "ok" and not weights:
                 stage.status, stage.note = "failed", f"no *.safetensors in {merged}"
@@ -512,16 +516,13 @@ class Check:
     def merged_logits(self, recipe: Path):
         stage = self.stages["merged_logits"]
         if not self.blocked(stage, "merge"):
-            cfg = yaml.safe_load(recipe.read_text())
-            run_dir = Path(cfg["output_dir"])
-            held_out = (cfg.get("test_datasets") or [{}])[0].get("path",
-                                                                 "data/prepared/clean/eval.jsonl")
+            run = Run.from_recipe(recipe)
             result = self.work / "merged-logits.json"
             cmd = [sys.executable, "-m", "bench.gpu_check", "compare-merged",
-                   "--model", self.model_ref, "--run", str(run_dir),
-                   "--merged", str(run_dir / "merged"), "--data", str(held_out),
+                   "--model", self.model_ref, "--run", str(run.output_dir),
+                   "--merged", str(run.merged_dir), "--data", str(run.eval_data),
                    "--json", str(result)]
-            if cfg.get("load_in_4bit"):
+            if run.load_in_4bit:
                 cmd.append("--load-in-4bit")
             self.run(stage, cmd, self.lane_b)
             if result.is_file():
@@ -647,16 +648,6 @@ def last_error_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def parse_sets(items: list[str]) -> dict:
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"gpu_check: error: --set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -684,12 +675,7 @@ def train_rows(state: dict) -> tuple[dict[int, dict], list[int]]:
 
 
 def train_figures(output_dir: Path) -> dict:
-    from eval.report import find_trainer_state
-
-    try:
-        found = find_trainer_state(output_dir)
-    except Exception as err:  # noqa: BLE001 - a broken state is reported, not raised
-        return {"error": str(err)[:200]}
+    found = newest_trainer_state(output_dir)  # a truncated trainer_state.json is skipped
     if not found:
         return {}
     state = found[1]
@@ -715,10 +701,8 @@ def train_figures(output_dir: Path) -> dict:
 
 def compare_runs(resumed: Path, reference: Path) -> dict:
     """Adapter and per-step loss differences of the resumed run against the uninterrupted one."""
-    from eval.report import find_trainer_state
-
     result: dict = {}
-    got, want = find_trainer_state(resumed), find_trainer_state(reference)
+    got, want = newest_trainer_state(resumed), newest_trainer_state(reference)
     if got and want:
         rows_got, _ = train_rows(got[1])
         rows_want, _ = train_rows(want[1])
@@ -759,7 +743,7 @@ def compare_runs(resumed: Path, reference: Path) -> dict:
 def eval_figures(summary: dict, wall_s: float | None) -> dict:
     seconds = summary.get("seconds", {})
     gen = summary.get("generation") or {}
-    ppl = summary.get("held_out_corpus_ppl") or {}
+    ppl = summary.get(HELD_OUT_CORPUS_PPL) or {}
     return {
         "wall_s": wall_s,
         "load_s": seconds.get("load"),
@@ -948,7 +932,6 @@ def render_summary(summary: dict) -> str:
 
 
 def write_outputs(summary: dict, out: Path, work: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     files = {
         "summary.json": json.dumps(summary, indent=2) + "\n",
         "summary.md": render_summary(summary),
@@ -965,12 +948,7 @@ def write_outputs(summary: dict, out: Path, work: Path) -> list[Path]:
         if source.is_file():
             files[name] = source.read_text()
     # paths inside the checkout are shown relative to it: the summary is committed
-    files = {name: text.replace(f"{REPO}/", "") for name, text in files.items()}
-    written = []
-    for name, text in files.items():
-        (out / name).write_text(text)
-        written.append(out / name)
-    return written
+    return write_files(out, {name: text.replace(f"{REPO}/", "") for name, text in files.items()})
 
 
 # --------------------------------------------------------------------------- merged vs adapter
@@ -1071,7 +1049,7 @@ def compare_merged(argv) -> int:
         if ok else (f"merged model differs from base + adapter: held-out loss "
                     f"{nll_merged:.4f} vs {nll_adapter:.4f}, top-1 agreement {top1:.3f}"),
     }
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_file(args.json, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
@@ -1117,7 +1095,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare-merged"]:
         return compare_merged(argv[1:])
@@ -1131,7 +1109,10 @@ def main(argv=None) -> int:
     print(render_summary(summary))
     for path in written:
         print(f"wrote {path}")
-    return 0 if summary["ok"] else 1
+    return EXIT_OK if summary["ok"] else EXIT_FAILED
+
+
+main = cli(run, prog="gpu_check")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ training, one forward-only pass over `--eval-jsonl` is timed (tokens/s of scorin
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from core.errors import UserError, cli
+from core.files import read_text_rows
 
 LOG = logging.getLogger("bench.notebook_baseline")
 
@@ -34,18 +36,10 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 def read_texts(path: Path) -> list[str]:
     if not path.is_file():
-        raise SystemExit(f"{path}: missing; run `python -m data_prep --mode seed` (or clean) first")
-    texts = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("text"), str):
-                raise SystemExit(f"{path}:{number}: no string field 'text'")
-            texts.append(row["text"])
+        raise UserError(f"{path}: missing; run `python -m data_prep --mode seed` (or clean) first")
+    texts = read_text_rows(path)
     if not texts:
-        raise SystemExit(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return texts
 
 
@@ -102,7 +96,7 @@ def time_eval_forward(model, tokenizer, texts: list[str], batch_size: int, max_l
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="model directory (bf16 weights)")
     parser.add_argument("--train-jsonl", type=Path, default=Path("data/prepared/seed/train.jsonl"))
@@ -125,8 +119,8 @@ def main(argv=None) -> int:
     if not args.steps_jsonl:
         parser.error("--steps-jsonl or $BENCH_STEPS_JSONL is required")
     if not (args.model / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no config.json; build it with "
-                         "`python -m bench.build_random_mistral --out DIR`")
+        raise UserError(f"--model {args.model}: no config.json; build it with "
+                        "`python -m bench.build_random_mistral --out DIR`")
 
     import torch
     from transformers import (
@@ -188,6 +182,9 @@ def main(argv=None) -> int:
               f"{record['tokens_per_s']:,.0f} tokens/s")
     print(f"notebook baseline: {args.steps} steps -> {recorder.out_path}")
     return 0
+
+
+main = cli(run, prog="bench.notebook_baseline")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# bench/run_device.sh - the one command for the GPU machine: install the carried wheels, build a
+# bench/run_device.sh - the one command for a GPU box: install the wheels copied along, build a
 # random-init Mistral-7B, run the notebook baseline, the recipe and its variants under a time
 # budget, and leave the results in $OUT.
 #
-# Run from the repo root on the GPU machine (device tool), carrying
-#   .whl                      <- /work/shared/device/fetch-wheels.sh .whl   (~23 MiB)
-#   data/prepared             <- python -m data_prep --mode clean && python -m data_prep --mode seed
+# The GPU box needs Python 3.12 with a CUDA build of torch and transformers, tokenizers,
+# sentencepiece, safetensors, numpy, pandas, pyarrow, pyyaml (a typical CUDA/PyTorch image);
+# the rest comes as wheels. On a machine with this repository and PyPI access, prepare:
+#   .whl                      <- bash bench/fetch_gpu_wheels.sh .whl     (~24 MiB; read its header)
+#   data/prepared             <- python -m data_prep --mode both
 #   models/mistral-tokenizer  <- python -m bench.build_random_mistral --tokenizer-only \
 #                                    --out models/mistral-tokenizer          (3.5 MB; the GPU
-#                                machine has no mistral_common package to make it there)
-#   command: bash bench/run_device.sh      (timeout_s 600; ends itself by ~BUDGET_S + 20 s)
+#                                box needs no mistral_common package then)
+# copy the repository with those three folders to the GPU box (rsync, scp, a shared disk), and
+# there, from the repository root:
+#   OUT=/tmp/bench-out bash bench/run_device.sh       (ends itself by ~BUDGET_S + 20 s)
+# Without those folders it stops with one line saying which is missing and how to make it. With
+# the packages installed already (pip install -e . on the GPU box), set INSTALL_WHEELS=0.
 #
 # Environment knobs (all optional):
 #   VARIANTS=notebook,recipe,...  (default: bench/variants.py DEFAULT_VARIANTS)
@@ -24,8 +30,8 @@
 #   SETUP_ONLY=1     stop after installing the wheels and building the model
 # Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
 #
-# Files left in $OUT (at most 8 come back): env.txt, build.log, throughput.jsonl (one summary
-# line per variant), steps.jsonl (every per-step record), runs.log (all run logs),
+# Files left in $OUT: env.txt, build.log, throughput.jsonl (one summary line per variant),
+# steps.jsonl (every per-step record), runs.log (all run logs), profiles.txt,
 # eval-perplexity.json. The table is printed last.
 set -uo pipefail
 
@@ -39,16 +45,18 @@ RECIPE=${RECIPE:-recipes/mistral-qlora.yml}
 GPUS=${GPUS:-1}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-10}
-fail() { echo "error: $*" >&2; exit 1; }
+# exit statuses as everywhere here (core/errors.py): 2 a missing input, 1 a step that failed
+fail() { echo "error: $*" >&2; exit 2; }
+die() { echo "error: $*" >&2; exit 1; }
 
-# -- what must have travelled -------------------------------------------------------------
+# -- what must have been copied along ---------------------------------------------------------
 [[ -f bench/run_device.sh ]] || fail "run from the repository root (bench/run_device.sh not found)"
 for mode in clean seed; do
   [[ -s data/prepared/$mode/train.jsonl ]] || fail "data/prepared/$mode/train.jsonl missing: run" \
-    "\`python -m data_prep --mode $mode\` on the CPU machine and carry data/prepared"
+    "\`python -m data_prep --mode $mode\` where the repository has PyPI access and copy data/prepared"
 done
 [[ ${INSTALL_WHEELS:-1} == 0 ]] || compgen -G ".whl/*.whl" >/dev/null || fail ".whl/*.whl missing: run" \
-  "/work/shared/device/fetch-wheels.sh .whl on the CPU machine and carry .whl"
+  "\`bash bench/fetch_gpu_wheels.sh .whl\` where there is PyPI access and copy .whl (or INSTALL_WHEELS=0)"
 if [[ -z ${TOKENIZER_DIR:-} ]]; then
   TOKENIZER_DIR=models/mistral-tokenizer
   [[ -f $TOKENIZER_DIR/tokenizer.json || ! -f models/tiny-mistral/tokenizer.json ]] \
@@ -56,14 +64,14 @@ if [[ -z ${TOKENIZER_DIR:-} ]]; then
 fi
 [[ -f $TOKENIZER_DIR/tokenizer.json ]] || fail "$TOKENIZER_DIR/tokenizer.json missing: run" \
   "\`python -m bench.build_random_mistral --tokenizer-only --out models/mistral-tokenizer\`" \
-  "on the CPU machine and carry models/mistral-tokenizer"
+  "where the repository has PyPI access and copy models/mistral-tokenizer"
 [[ -f $RECIPE ]] || fail "$RECIPE missing (commit the recipe or set RECIPE=...)"
 mkdir -p "$OUT" || fail "cannot create OUT=$OUT"
 
 # -- packages -----------------------------------------------------------------------------
 if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || fail "pip install of .whl/*.whl failed"
+    --target /tmp/site .whl/*.whl || die "pip install of .whl/*.whl failed"
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1 \
@@ -93,7 +101,7 @@ PY
 # shellcheck disable=SC2086 - BUILD_ARGS is a list of words
 "$PYTHON" -m bench.build_random_mistral --out "$MODEL_DIR" --tokenizer-from "$TOKENIZER_DIR" \
   ${BUILD_ARGS:-} 2>&1 | tee "$OUT/build.log"
-[[ ${PIPESTATUS[0]} == 0 ]] || fail "building the random Mistral-7B failed (see build.log)"
+[[ ${PIPESTATUS[0]} == 0 ]] || die "building the random Mistral-7B failed (see build.log)"
 echo "[run_device] setup done after $(( $(date +%s) - T0 )) s"
 [[ ${SETUP_ONLY:-0} == 1 ]] && exit 0
 

@@ -4,7 +4,7 @@
 # data-parallel over several GPUs, then a check that the adapters those runs saved load in peft.
 #
 # Run from the repository root, with what bench/run_device.sh needs (its header lists it):
-#   bash bench/run_device_multi.sh
+#   OUT=/tmp/bench-out bash bench/run_device_multi.sh
 # Settings (environment, all optional):
 #   LANES="a,b|c,d"        single-GPU variant lists, list i on GPU i (phase A)
 #   PHASE_A_S=300          budget of phase A, seconds after setup

@@ -34,7 +34,6 @@ axolotl's QLoRA turned into LoRA (the notebook keeps its 4-bit model: bitsandbyt
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -46,11 +45,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
-
 from bench.common import ENV_STEPS_PATH
 from bench.flops import H100_MEASURED_MATMUL_FLOPS, H100_PEAK_BF16_FLOPS, utilisation
 from bench.variants import DEFAULT_VARIANTS, LORA_KERNELS, VARIANTS, expand_overrides
+from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
+from core.files import append_jsonl, read_jsonl
+from core.runs import (
+    EVAL_SUBDIR,
+    PERPLEXITY_JSON,
+    load_recipe,
+    parse_overrides,
+    write_recipe,
+)
+from core.runs import merge_config as merge
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = "bench.axolotl_plugin.ThroughputPlugin"
@@ -58,7 +65,7 @@ DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
 DEFAULT_RESULTS = Path("bench/results/throughput.jsonl")
 DEFAULT_ESTIMATE_S = (120.0, 150.0, 90.0)  # notebook, axolotl, eval runs (s)
 KILL_GRACE_S = 10
-# Multicast NVLink can take a shared host's GPUs down (device README): keep it off everywhere.
+# Multicast NVLink can take a shared host's GPUs out of service: keep it off everywhere.
 SAFE_MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                       "NVSHMEM_DISABLE_NVLS": "1"}
 # Keys that would save, evaluate, resume, log remotely or stop early: off for benchmarks.
@@ -71,43 +78,14 @@ REMOVED_KEYS = ("save_steps", "saves_per_epoch", "save_total_limit", "save_first
                 "metric_for_best_model", "greater_is_better")
 
 
-class BenchError(SystemExit):
-    """One-line error, exit status 1."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Configs
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    """Recursive dict merge; an override value of None deletes the key."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    sets = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise BenchError(f"--set {pair!r}: expected KEY=VALUE (VALUE is YAML)")
-        sets[key] = yaml.safe_load(value)
-    return sets
-
-
 def cpu_overrides(cfg: dict) -> dict:
-    """What makes a GPU recipe run on a CPU (TRAPS.md): fp32, no Triton kernels or Liger, and
-    LoRA on unquantised weights (recipes.guard refuses 4-bit loading without CUDA)."""
+    """What makes a GPU recipe run on a CPU: fp32 (`bf16: auto` would pick fp16 there), no
+    Triton kernels or Liger (they need CUDA), and LoRA on unquantised weights (the recipe guard
+    refuses 4-bit loading without CUDA)."""
     out = {"bf16": False, "fp16": False, "tf32": False, "liger": False,
            **dict.fromkeys((*LORA_KERNELS, "lora_embedding_kernel"), False)}
     if cfg.get("load_in_4bit") or cfg.get("load_in_8bit"):
@@ -199,13 +177,10 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float) ->
 
 
 def read_records(steps_path: Path) -> list[dict]:
+    """Every rank's step records (a line cut by a kill is skipped)."""
     records = []
     for path in sorted(steps_path.parent.glob(f"{steps_path.stem}.rank*{steps_path.suffix}")):
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
+        records += read_jsonl(path, skip_bad_lines=True)
     return records
 
 
@@ -296,12 +271,6 @@ def status_of(summary: dict, returncode: int | None, timed_out: bool) -> str:
     return "ok"
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:  # one line per write: a partial file stays valid JSONL
-        handle.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------
 # Table
 
@@ -358,7 +327,7 @@ def plan_variants(spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise BenchError(f"--variants: unknown {', '.join(unknown)}; known: "
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; known: "
                          f"{', '.join(VARIANTS)}")
     return names
 
@@ -386,8 +355,7 @@ def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tup
     cfg = axolotl_config(recipe, variant["overrides"], model_dir=args.model, run_dir=run_dir,
                          prepared_dir=args.work_dir / "prepared",
                          max_steps=max_steps, cpu=args.cpu, sets=sets)
-    config_path = run_dir / "config.yml"
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config_path = write_recipe(cfg, run_dir / "config.yml")
     sharded = bool(cfg.get("fsdp_config") or cfg.get("deepspeed"))
     argv = [*launch_prefix(args.gpus, args.launcher, sharded), "axolotl.cli.train",
             str(config_path)]
@@ -396,7 +364,7 @@ def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tup
 
 def summarize_eval(run_dir: Path) -> dict:
     """Scoring throughput from eval.perplexity's own timing (perplexity.json)."""
-    path = run_dir / "eval" / "perplexity.json"
+    path = run_dir / EVAL_SUBDIR / PERPLEXITY_JSON
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
@@ -492,7 +460,7 @@ def main(argv=None) -> int:
         return 0
     if args.table:
         if not args.table.is_file():
-            raise BenchError(f"--table {args.table}: no such file")
+            raise UserError(f"--table {args.table}: no such file")
         results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
         print(format_table(results))
         return 0
@@ -504,21 +472,19 @@ def main(argv=None) -> int:
     if args.notebook_eval:
         args.notebook_eval = str(Path(args.notebook_eval).resolve())
     if args.model is None or not (args.model / "config.json").is_file():
-        raise BenchError(f"--model {args.model}: no config.json there; build one with "
+        raise UserError(f"--model {args.model}: no config.json there; build one with "
                          "`python -m bench.build_random_mistral --out DIR`")
     names = plan_variants(args.variants)
     kinds = {VARIANTS[n]["kind"] for n in names}
     recipe = {}
     if "axolotl" in kinds:
         if not args.recipe.is_file():
-            raise BenchError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
-        recipe = yaml.safe_load(args.recipe.read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise BenchError(f"--recipe {args.recipe}: not a YAML mapping")
+            raise UserError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
+        recipe = load_recipe(args.recipe)
     if "notebook" in kinds and not args.notebook_train.is_file():
-        raise BenchError(f"--notebook-train {args.notebook_train}: not found; run "
+        raise UserError(f"--notebook-train {args.notebook_train}: not found; run "
                          "`python -m data_prep --mode seed`")
-    sets = parse_sets(args.sets)
+    sets = parse_overrides(args.sets)
 
     started = time.time()
     if args.deadline_unix is not None:
@@ -566,9 +532,9 @@ def main(argv=None) -> int:
 
     print(f"\n[bench] results appended to {args.results}; logs in {combined_log}")
     print(format_table(results))
-    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped")
-                    for r in results) else 1
+    return EXIT_OK if all(r["status"] == "ok" or r["status"].startswith("skipped")
+                          for r in results) else EXIT_FAILED
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main)())

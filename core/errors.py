@@ -12,8 +12,8 @@ Every command of this repository ends with one of three exit statuses:
 
 Code raises `UserError(message)`; a command's `main` is `cli(run, prog=...)`, which prints
 `[prog: ]error: message` on stderr and returns 2. Code that runs inside another program (an
-Axolotl plugin's hooks, a Trainer callback) cannot return a status: `reported()` prints the line
-and raises `SystemExit(2)` there.
+Axolotl plugin's hooks, a Trainer callback) cannot return a status: around it, `reported()`
+prints the line and lets the error end that program with status 2.
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def cli(run: Callable[..., int | None], prog: str | None = None) -> Callable[...
 @contextlib.contextmanager
 def reported(prog: str | None = None, newline: bool = False) -> Iterator[None]:
     """Inside another program's process: a UserError raised in the block is printed as its
-    `error:` line(s) and the process stops with status 2, without a traceback. `newline`
-    starts the message on a fresh line (after a progress bar that left the cursor on its own)."""
+    `error:` line(s) at once and raised on, to end the process with status 2 and no traceback
+    (a SystemExit with an integer code prints nothing more). `newline` starts the message on a
+    fresh line (after a progress bar that left the cursor on its own)."""
     try:
         yield
     except UserError as err:
         print(("\n" if newline else "") + error_lines(err, prog), file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        raise

@@ -128,10 +128,12 @@ def _unrenamed(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_dir(path: Path) -> Iterator[Path]:
+def staged_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
     """A fresh temporary folder beside `path`; when the block succeeds it replaces `path`
     (an existing folder there is moved aside first and put back if the swap fails). On any
-    error the temporary folder is removed and `path` is left as it was."""
+    error the temporary folder is removed and `path` is left as it was. `keep_existing`: a
+    folder that is at `path` by then (another process made the same one) is kept, not
+    replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-new-", dir=path.parent))
@@ -140,6 +142,8 @@ def staged_dir(path: Path) -> Iterator[Path]:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
         if path.exists():
+            if keep_existing:
+                return
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
             os.replace(path, retired / path.name)
         try:
@@ -147,6 +151,8 @@ def staged_dir(path: Path) -> Iterator[Path]:
         except BaseException:
             if retired is not None and not path.exists():
                 os.replace(retired / path.name, path)  # put the previous folder back
+            elif keep_existing and path.exists():
+                return  # made meanwhile by another process: kept
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

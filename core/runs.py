@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from core.errors import UserError
 from core.files import write_file
 
@@ -67,8 +69,6 @@ TOKENS_TRAINED = "tokens/trainable"  # Axolotl's log_history count of trained (r
 
 def load_recipe(path: Path) -> dict:
     """The mapping of an Axolotl recipe; UserError (one line naming the file) otherwise."""
-    import yaml
-
     try:
         cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -100,12 +100,21 @@ def merge_config(base: dict, overrides: dict) -> dict:
     return out
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` options (VALUE is YAML: `3`, `false`, `null`, `[a, b]`) as a mapping."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE (VALUE is YAML)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def write_recipe(source: Path | dict, target: Path, overrides: dict | None = None,
                  header: str | None = None) -> Path:
     """The recipe `source` (a file or a mapping) with `overrides` (see merge_config), written
     to `target` atomically; `header` becomes a leading `# ...` comment."""
-    import yaml
-
     cfg = load_recipe(source) if not isinstance(source, dict) else source
     cfg = merge_config(cfg, overrides or {})
     comment = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""

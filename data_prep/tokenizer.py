@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+
+from core.files import staged_dir
 
 MISTRAL_VOCAB_SIZE = 32000
 MISTRAL_BOS_ID = 1
@@ -36,12 +37,9 @@ def _tokenizer_dir() -> Path:
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"mistral-7b-v0.1-tokenizer-{digest}"
     if not (target / "tokenizer.model").is_file():
-        staging = Path(tempfile.mkdtemp(prefix="mistral-tokenizer-"))
-        shutil.copyfile(source, staging / "tokenizer.model")
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process won the race: its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+        # another process may make the same folder meanwhile: its copy is identical, kept
+        with staged_dir(target, keep_existing=True) as staging:
+            shutil.copyfile(source, staging / "tokenizer.model")
     return target
 
 

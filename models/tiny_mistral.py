@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from core.errors import cli
 from data_prep.tokenizer import (
     MISTRAL_BOS_ID,
     MISTRAL_EOS_ID,
     MISTRAL_VOCAB_SIZE,
     load_mistral_tokenizer,
 )
-from models import install_atomically, is_built, write_error
+from models import install_atomically, is_built, is_write_failure, write_error
 
 LOG = logging.getLogger("models.tiny_mistral")
 
@@ -81,7 +81,7 @@ def build_tiny_mistral(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool =
     return out_dir
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
     parser.add_argument("--seed", type=int, default=0, help="weight-init seed")
@@ -93,9 +93,12 @@ def main(argv=None) -> int:
     try:
         build_tiny_mistral(args.out, seed=args.seed, force=args.force)
     except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
-        print(write_error("models.tiny_mistral", args.out, exc), file=sys.stderr)
-        return 2
-    return 0
+        if not is_write_failure(exc):
+            raise
+        raise write_error(args.out, exc) from None
+
+
+main = cli(run, prog="models.tiny_mistral")
 
 
 if __name__ == "__main__":

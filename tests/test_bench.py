@@ -324,14 +324,15 @@ def test_run_device_script_fails_clearly_without_carried_files(tmp_path):
     shutil.copy(REPO / "bench" / "run_device.sh", tmp_path / "bench")
     run = subprocess.run(["bash", "bench/run_device.sh"], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "OUT": str(tmp_path / "out")})
-    assert run.returncode == 1
+    assert run.returncode == 2  # a missing input (core/errors.py)
     assert "data/prepared/clean/train.jsonl missing" in run.stderr
     for mode in ("clean", "seed"):
         (tmp_path / "data" / "prepared" / mode).mkdir(parents=True)
         (tmp_path / "data" / "prepared" / mode / "train.jsonl").write_text('{"text": "x"}\n')
     run = subprocess.run(["bash", "bench/run_device.sh"], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "OUT": str(tmp_path / "out")})
-    assert run.returncode == 1 and ".whl/*.whl missing" in run.stderr
+    assert run.returncode == 2 and ".whl/*.whl missing" in run.stderr
+    assert "bash bench/fetch_gpu_wheels.sh .whl" in run.stderr  # the repository's own script
     assert len(run.stderr.strip().splitlines()) == 1
 
 

@@ -1,4 +1,4 @@
-"""The FSDP2 recipe (issue 10): Axolotl accepts it, and the launch command in its header builds
+"""The FSDP2 recipe: Axolotl accepts it, and the launch command in its header builds
 the multi-process `accelerate launch` it promises. The throughput run itself needs 2+ GPUs
 (bench/run_device_multi.sh; results in recipes/README.md)."""
 

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): what real users do to the pipeline.
+"""Reliability: what real users do to the pipeline.
 
 - Resume: `axolotl train` of the tiny recipe is stopped with SIGTERM after checkpoint-5, re-run
   and stopped with SIGKILL after checkpoint-10, then checkpoint-10 is made to look like a kill

@@ -11,7 +11,8 @@ not by the GPU. Three parts, each an option in args.py (all on by default):
 - gc freeze: what was loaded before training is left out of the garbage collector's scans.
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
-wrapper; the recipe settings it needs) and stops with one line otherwise.
+wrapper; the recipe settings it needs) and stops with one line otherwise (one `error:` line and
+exit status 2, core/errors.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 
+from core.errors import UserError, reported
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
 
@@ -34,10 +36,6 @@ NAME = "integrations.fast_steps.FastStepsPlugin"
 # (axolotl/monkeypatch/attention/sdpa_varlen.py in 0.19.0)
 AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
-
-
-class FastStepsError(SystemExit):
-    """Stops `axolotl train` with the message and exit status 1, no traceback."""
 
 
 def option(cfg, name: str) -> bool:
@@ -80,8 +78,8 @@ def install_packed_layout(cuda_half_precision: bool = True) -> bool:
             return False
         import axolotl
 
-        raise FastStepsError(
-            f"error: {NAME}: the registered `sdpa` attention is not Axolotl's sdpa_varlen "
+        raise UserError(
+            f"{NAME}: the registered `sdpa` attention is not Axolotl's sdpa_varlen "
             f"wrapper (axolotl {axolotl.__version__}; written against 0.19.0, whose wrapper keeps "
             f"the stock function as `{AXOLOTL_ORIGINAL_ATTR}`); set "
             "`fast_steps_packed_layout: false` or pin axolotl==0.19.0")
@@ -110,9 +108,10 @@ class RequireMasterWeightOptimizer(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, if any
         if not isinstance(inner, MasterWeightAdamW):
-            raise FastStepsError(
-                f"error: {NAME}: the Trainer uses {type(inner).__name__}, not the fp32-master "
-                "AdamW that fast_steps_bf16_lora needs; set `fast_steps_bf16_lora: false`")
+            with reported(newline=True):
+                raise UserError(
+                    f"{NAME}: the Trainer uses {type(inner).__name__}, not the fp32-master "
+                    "AdamW that fast_steps_bf16_lora needs; set `fast_steps_bf16_lora: false`")
 
 
 class FastStepsPlugin(BasePlugin):
@@ -124,9 +123,10 @@ class FastStepsPlugin(BasePlugin):
         return "integrations.fast_steps.FastStepsArgs"
 
     def register(self, cfg):
-        problems = settings_problems(dict(cfg))
-        if problems:
-            raise FastStepsError("\n".join(f"error: {p}" for p in problems))
+        with reported():
+            problems = settings_problems(dict(cfg))
+            if problems:
+                raise UserError("\n".join(problems))
 
     def post_model_load(self, cfg, model):
         import torch
@@ -134,7 +134,8 @@ class FastStepsPlugin(BasePlugin):
         half = cfg.get("torch_dtype") in (torch.float16, torch.bfloat16)
         cuda_half = half and torch.cuda.is_available()
         if option(cfg, "fast_steps_packed_layout"):
-            install_packed_layout(cuda_half_precision=cuda_half)
+            with reported():
+                install_packed_layout(cuda_half_precision=cuda_half)
         if option(cfg, "fast_steps_bf16_lora") and cfg.get("torch_dtype") == torch.bfloat16:
             self.params, self.masters = cast_trainable_to_bf16(model)
             LOG.info("fast_steps: %d LoRA tensors in bf16, fp32 masters in the optimizer",
