@@ -56,7 +56,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.errors import EXIT_FAILED, EXIT_OK, cli
+from core.errors import EXIT_FAILED, EXIT_OK, cli, first_line
 from core.files import write_file, write_files
 from core.runs import (
     HELD_OUT_CORPUS_PPL,
@@ -422,9 +422,9 @@ class Check:
 
             auth_check(HUB_MODEL)
         except Exception as err:  # noqa: BLE001 - any hub failure: say why, use the random one
-            from eval.errors import first_line_of, hub_problem
+            from eval.errors import hub_problem
 
-            reason = hub_problem(err, HUB_MODEL) or first_line_of(err)
+            reason = hub_problem(err, HUB_MODEL) or first_line(err, 200)
             return "", "random-init", f"HF_TOKEN is set but the hub refused: {reason}"
         return HUB_MODEL, "hub", f"{HUB_MODEL} from the Hugging Face hub (HF_TOKEN)"
 

@@ -45,6 +45,24 @@ class UserError(SystemExit):
         return str(self.args[0]) if self.args else ""
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to
+    `limit` characters: how another library's error is quoted inside one of our lines."""
+    lines = str(err).strip().splitlines()
+    line = lines[0] if lines else type(err).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err`, then what it was raised from (`__cause__`, else `__context__`), without cycles:
+    libraries wrap the error that matters (transformers wraps the hub's in an OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def error_lines(err: UserError | str, prog: str | None = None) -> str:
     """`[prog: ]error: ...`, one line per line of the message."""
     prefix = f"{prog}: error: " if prog else "error: "

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 TEXT_ROW_FIX = 'each line must be one JSON object like {"text": "..."}'
 
@@ -43,11 +43,7 @@ def _umask() -> int:
 def os_reason(err: BaseException) -> str:
     """The short reason of a failed write: strerror ("No space left on device"), else the first
     line of the message (safetensors: "Error while serializing: I/O error: ...")."""
-    reason = getattr(err, "strerror", None)
-    if reason:
-        return reason
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return getattr(err, "strerror", None) or first_line(err)
 
 
 def sha256_of(path: Path) -> str:

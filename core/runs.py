@@ -133,6 +133,16 @@ def first_path(cfg: dict, key: str) -> Path | None:
 # A run
 
 
+class _InOutputDir:
+    """A path in a run's output_dir, as an attribute of the run (`run.report_md`)."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, run, owner=None):
+        return self if run is None else run.output_dir.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class Run:
     """A recipe's run (see the module docstring); `config` is the recipe's mapping."""
@@ -184,42 +194,16 @@ class Run:
     def pad_token(self) -> str | None:
         return self._special_token("pad_token")
 
-    # -- where its outputs go
-    @property
-    def eval_dir(self) -> Path:
-        return self.output_dir / EVAL_SUBDIR
-
-    @property
-    def perplexity_json(self) -> Path:
-        return self.eval_dir / PERPLEXITY_JSON
-
-    @property
-    def generations_json(self) -> Path:
-        return self.eval_dir / GENERATIONS_JSON
-
-    @property
-    def evaluation_json(self) -> Path:
-        return self.eval_dir / EVALUATION_JSON
-
-    @property
-    def report_md(self) -> Path:
-        return self.output_dir / REPORT_MD
-
-    @property
-    def chart_dir(self) -> Path:
-        return self.output_dir / CHART_DIR
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.output_dir / TENSORBOARD_DIR
-
-    @property
-    def merged_dir(self) -> Path:
-        return self.output_dir / MERGED_DIR
-
-    @property
-    def adapter_config(self) -> Path:
-        return self.output_dir / ADAPTER_CONFIG
+    # -- where its outputs go (paths under output_dir)
+    eval_dir = _InOutputDir(EVAL_SUBDIR)
+    perplexity_json = _InOutputDir(EVAL_SUBDIR, PERPLEXITY_JSON)
+    generations_json = _InOutputDir(EVAL_SUBDIR, GENERATIONS_JSON)
+    evaluation_json = _InOutputDir(EVAL_SUBDIR, EVALUATION_JSON)
+    report_md = _InOutputDir(REPORT_MD)
+    chart_dir = _InOutputDir(CHART_DIR)
+    tensorboard_dir = _InOutputDir(TENSORBOARD_DIR)
+    merged_dir = _InOutputDir(MERGED_DIR)
+    adapter_config = _InOutputDir(ADAPTER_CONFIG)
 
     def has_adapter(self) -> bool:
         return self.adapter_config.is_file() and any(

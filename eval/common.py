@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from core.errors import UserError, cli
+from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
 from core.runs import EVAL_SUBDIR
 from eval.errors import cuda_unavailable_problem, load_problem
@@ -33,12 +33,6 @@ DEFAULT_OUT_NO_ADAPTER = Path("outputs/eval")
 # End-of-text tokens tried, in order, when a tokenizer reports no EOS or EOS == BOS (SmolLM2's
 # GGUF-derived tokenizer says eos = bos = <|im_start|>).
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -77,7 +71,7 @@ def load_json_object(path: Path, what: str, fix: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{what} {path} is not valid JSON ({first_line(err)}): {fix}") from None
+        raise UserError(f"{what} {path} is not valid JSON ({first_line(err, 300)}): {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {path} is not a JSON object: {fix}")
     return data
@@ -194,6 +188,18 @@ def write_files_atomic(out_dir: Path, files: dict[str, str | bytes]) -> list[Pat
         raise write_error(out_dir, err) from None
 
 
+def write_results(out_dir: Path, name_json: str, data: dict, name_md: str, markdown: str,
+                  **dumps) -> None:
+    """An eval script's JSON and Markdown written together (write_files_atomic), the Markdown
+    printed, then where each file went."""
+    files = {name_json: json.dumps(data, indent=2, ensure_ascii=False, **dumps) + "\n",
+             name_md: markdown}
+    written = write_files_atomic(out_dir, files)
+    print(markdown)
+    for path in written:
+        print(f"wrote {path}")
+
+
 def write_error(out_dir: Path, err: OSError) -> UserError:
     """A failed write (disk full, file-size limit, no permission, a file where a directory
     should be) as one line."""
@@ -211,6 +217,12 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:,.{digits}f}"
+
+
+def model_line(result: dict) -> str:
+    """The `- model: ..., adapter: ...` line that heads an eval script's Markdown."""
+    adapter = f", adapter: `{result['adapter']}`" if result["adapter"] else ""
+    return f"- model: `{result['model']}`{adapter}"
 
 
 def md_escape(text: str) -> str:
@@ -254,7 +266,7 @@ def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | No
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
         raise UserError(load_problem(err, source) or (
-            f"cannot load the tokenizer of {source} ({first_line(err)}): "
+            f"cannot load the tokenizer of {source} ({first_line(err, 300)}): "
             "pass --tokenizer DIR with tokenizer files")) from None
     vocab = tok.get_vocab()
     for flag, value in (("--eos-token", eos_token), ("--pad-token", pad_token)):
@@ -320,7 +332,7 @@ def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = Fal
             base.to(device)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line
         raise UserError(load_problem(err, model, load_in_4bit) or (
-            f"cannot load model {model} ({first_line(err)}): pass --model with a "
+            f"cannot load model {model} ({first_line(err, 300)}): pass --model with a "
             "causal-LM directory written by save_pretrained")) from None
     if adapter is not None:
         config = read_adapter_config(adapter)
@@ -331,7 +343,7 @@ def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = Fal
             base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
         except Exception as err:  # noqa: BLE001 - peft's shape/key errors become one line
             raise UserError(
-                f"adapter {adapter} does not load on {model} ({first_line(err)}): pass the "
+                f"adapter {adapter} does not load on {model} ({first_line(err, 300)}): pass the "
                 f"--model it was trained on ({config.get('base_model_name_or_path', '?')})"
             ) from None
     base.eval()
@@ -354,7 +366,7 @@ def check_adapter_fits(model, adapter: Path, model_ref: str, config: dict) -> No
     try:
         handle = safe_open(str(weights), framework="pt")
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"{weights} is unreadable ({first_line(err)}): retrain or re-copy it"
+        raise UserError(f"{weights} is unreadable ({first_line(err, 300)}): retrain or re-copy it"
                         ) from None
     for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
         match = _LORA_KEY.match(key)

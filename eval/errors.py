@@ -21,6 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from core.errors import exception_chain, first_line
+
 HUB = "https://huggingface.co"
 TOKENS_PAGE = f"{HUB}/settings/tokens"
 # The oldest Linux driver that runs each CUDA major version (NVIDIA's CUDA release notes,
@@ -36,15 +38,6 @@ _NO_DRIVER = re.compile(r"Found no NVIDIA driver on your system|cudaErrorNoDevic
 _OOM_DETAIL = re.compile(r"GPU (\d+) has a total capacity of ([\d.]+ \wiB) of which "
                          r"([\d.]+ \wiB) is free")
 _OOM_TEXT = re.compile(r"out of memory", re.IGNORECASE)
-
-
-def exception_chain(err: BaseException):
-    """`err`, then what it was raised from (`__cause__`, else `__context__`), without cycles."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def _token_set() -> bool:
@@ -112,7 +105,7 @@ def oom_problem(err: BaseException, model: str, load_in_4bit: bool) -> str | Non
     how = "in 4-bit" if load_in_4bit else "in bf16"
     detail = _OOM_DETAIL.search(str(oom))
     where = (f"GPU {detail[1]}: {detail[3]} free of {detail[2]}" if detail
-             else first_line_of(oom))
+             else first_line(oom, 200))
     need = weights_size_gib(model, load_in_4bit)
     needs = f"; the weights alone need about {need:.1f} GiB {how}" if need else ""
     fix = ("free that GPU (`nvidia-smi` lists the processes holding memory) or pick an idle one "
@@ -144,12 +137,6 @@ def weights_size_gib(model: str, load_in_4bit: bool) -> float | None:
     if not size:
         return None
     return size * (0.3 if load_in_4bit else 1.0) / 2**30
-
-
-def first_line_of(err: BaseException, limit: int = 200) -> str:
-    lines = str(err).strip().splitlines()
-    line = lines[0] if lines else type(err).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def load_problem(err: BaseException, model: str, load_in_4bit: bool = False) -> str | None:

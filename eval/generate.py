@@ -58,11 +58,12 @@ from eval.common import (
     load_for_eval,
     md_escape,
     model_device,
+    model_line,
     read_texts,
     resolve_model_arg,
     script_main,
     utc_timestamp,
-    write_files_atomic,
+    write_results,
 )
 
 LOG = logging.getLogger("eval.generate")
@@ -289,8 +290,7 @@ def render_markdown(result: dict) -> str:
     lines = [
         "# Generations",
         "",
-        f"- model: `{result['model']}`" + (f", adapter: `{result['adapter']}`"
-                                            if result["adapter"] else ""),
+        model_line(result),
         f"- greedy and {settings['samples']} sample(s) per prompt (temperature "
         f"{settings['temperature']}, top-p {settings['top_p']}, seeds from {settings['seed']}), "
         f"up to {settings['max_new_tokens']} new tokens; {result['device']}, {result['dtype']}",
@@ -428,14 +428,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
         "versions": library_versions(),
         "generations": records,
     }
-    markdown = render_markdown(result)
-    written = write_files_atomic(out_dir, {
-        GENERATIONS_JSON: json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-        GENERATIONS_MD: markdown,
-    })
-    print(markdown)
-    for path in written:
-        print(f"wrote {path}")
+    write_results(out_dir, GENERATIONS_JSON, result, GENERATIONS_MD, render_markdown(result))
     return result
 
 

@@ -56,11 +56,12 @@ from eval.common import (
     library_versions,
     load_for_eval,
     model_device,
+    model_line,
     read_texts,
     resolve_model_arg,
     script_main,
     utc_timestamp,
-    write_files_atomic,
+    write_results,
 )
 from eval.scoring import Window, score_windows, windows_of
 
@@ -345,8 +346,7 @@ def render_markdown(result: dict) -> str:
     lines = [
         "# Perplexity",
         "",
-        f"- model: `{result['model']}`" + (f", adapter: `{result['adapter']}`"
-                                            if result["adapter"] else ""),
+        model_line(result),
         f"- device {result['device']}, dtype {result['dtype']}, window {result['window']}, "
         f"stride {result['stride']}, batch {result['batch_size']}, {result['timestamp']}",
         f"- context before each text: {result['tokenizer']['context_prefix']}",
@@ -436,17 +436,8 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
                 summary["metrics"]["base"], summary["metrics"]["adapter"])
         result["datasets"].append(summary)
 
-    import json
-
-    markdown = render_markdown(result)
-    written = write_files_atomic(out_dir, {
-        PERPLEXITY_JSON: json.dumps(finite_or_none(result), indent=2, ensure_ascii=False,
-                                    allow_nan=False) + "\n",
-        PERPLEXITY_MD: markdown,
-    })
-    print(markdown)
-    for path in written:
-        print(f"wrote {path}")
+    write_results(out_dir, PERPLEXITY_JSON, finite_or_none(result), PERPLEXITY_MD,
+                  render_markdown(result), allow_nan=False)
     return result
 
 

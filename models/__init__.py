@@ -11,8 +11,9 @@ no-op, and a build is written into a staging folder that replaces the old one on
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core.errors import UserError
@@ -39,12 +40,18 @@ def install_atomically(out_dir: Path, spec: dict, fill: Callable[[Path], None],
         (staging / marker).write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def write_error(out_dir: Path, exc: Exception) -> UserError:
-    """One line for a build that could not be written (disk full, no permission, ...)."""
-    return UserError(f"cannot write {out_dir} ({os_reason(exc)}); free disk space or fix the "
-                     "permissions and re-run; an earlier build there is unchanged")
+@contextlib.contextmanager
+def one_line_write_errors(out_dir: Path) -> Iterator[None]:
+    """A build that could not be written (disk full, file-size limit, no permission: an
+    OSError, or safetensors' report of one, "I/O error: ...") becomes one UserError line;
+    any other error keeps its traceback."""
+    from safetensors import SafetensorError
 
-
-def is_write_failure(exc: Exception) -> bool:
-    """An OSError, or safetensors' report of one ("I/O error: ...") while saving weights."""
-    return isinstance(exc, OSError) or "I/O error" in str(exc)
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if not (isinstance(exc, OSError) or "I/O error" in str(exc)):
+            raise
+        raise UserError(f"cannot write {out_dir} ({os_reason(exc)}); free disk space or fix "
+                        "the permissions and re-run; an earlier build there is unchanged"
+                        ) from None

@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from core.errors import UserError, cli
-from models import install_atomically, is_built, is_write_failure, write_error
+from models import install_atomically, is_built, one_line_write_errors
 
 LOG = logging.getLogger("models.smollm2")
 
@@ -93,14 +93,8 @@ def run(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from safetensors import SafetensorError
-
-    try:
+    with one_line_write_errors(args.out):  # disk full, file-size limit, no permission
         build_smollm2(args.out, force=args.force)
-    except (OSError, SafetensorError) as exc:  # disk full, file-size limit, no permission
-        if not is_write_failure(exc):
-            raise
-        raise write_error(args.out, exc) from None
 
 
 main = cli(run, prog="models.smollm2")

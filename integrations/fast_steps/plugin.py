@@ -23,6 +23,7 @@ import logging
 from core.errors import UserError, reported
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
+from integrations.options import enabled as option
 
 try:  # the plugin base class only exists where axolotl is installed
     from axolotl.integrations.base import BasePlugin
@@ -36,11 +37,6 @@ NAME = "integrations.fast_steps.FastStepsPlugin"
 # (axolotl/monkeypatch/attention/sdpa_varlen.py in 0.19.0)
 AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
-
-
-def option(cfg, name: str) -> bool:
-    value = cfg.get(name)
-    return True if value is None else bool(value)
 
 
 def settings_problems(cfg) -> list[str]:

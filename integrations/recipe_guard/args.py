@@ -6,45 +6,29 @@ behaviour can be turned off in a recipe, e.g. to compare with Axolotl's own beha
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+
+from integrations.options import enabled as option
+from integrations.options import switch
+
+__all__ = ["RecipeGuardArgs", "option"]
 
 
 class RecipeGuardArgs(BaseModel):
     """Recipe keys of the recipe-guard plugin."""
 
-    recipe_guard_finite_loss: bool = Field(
-        default=True,
-        json_schema_extra={"description": (
-            "Stop training with one line, before anything is saved, as soon as the logged "
-            "loss, grad norm or eval loss is NaN or infinite")},
-    )
-    recipe_guard_seed_lora: bool = Field(
-        default=True,
-        json_schema_extra={"description": (
-            "Seed the LoRA initialisation with `seed` (Axolotl seeds only inside the Trainer, "
-            "which is built after the adapter)")},
-    )
-    recipe_guard_exact_resume: bool = Field(
-        default=True,
-        json_schema_extra={"description": (
-            "Packed batches in an order that depends only on (seed, epoch), so a resumed run "
-            "skips exactly the batches it trained on (needs sample_packing)")},
-    )
-    recipe_guard_skip_incomplete_checkpoints: bool = Field(
-        default=True,
-        json_schema_extra={"description": (
-            "On auto-resume, skip a newest checkpoint without a complete trainer_state.json "
-            "(cut short by a kill or a full disk) for the newest complete one")},
-    )
-    recipe_guard_one_line_save_errors: bool = Field(
-        default=True,
-        json_schema_extra={"description": (
-            "A checkpoint save that fails for lack of disk space stops with one line instead "
-            "of a traceback; other errors keep theirs")},
-    )
-
-
-def option(cfg, name: str) -> bool:
-    """An option's value in a (raw or validated) config: absent means on."""
-    value = cfg.get(name)
-    return True if value is None else bool(value)
+    recipe_guard_finite_loss: bool = switch(
+        "Stop training with one line, before anything is saved, as soon as the logged loss, "
+        "grad norm or eval loss is NaN or infinite")
+    recipe_guard_seed_lora: bool = switch(
+        "Seed the LoRA initialisation with `seed` (Axolotl seeds only inside the Trainer, which "
+        "is built after the adapter)")
+    recipe_guard_exact_resume: bool = switch(
+        "Packed batches in an order that depends only on (seed, epoch), so a resumed run skips "
+        "exactly the batches it trained on (needs sample_packing)")
+    recipe_guard_skip_incomplete_checkpoints: bool = switch(
+        "On auto-resume, skip a newest checkpoint without a complete trainer_state.json (cut "
+        "short by a kill or a full disk) for the newest complete one")
+    recipe_guard_one_line_save_errors: bool = switch(
+        "A checkpoint save that fails for lack of disk space stops with one line instead of a "
+        "traceback; other errors keep theirs")

@@ -22,7 +22,7 @@ import errno
 import functools
 import re
 
-from core.errors import UserError, reported
+from core.errors import UserError, exception_chain, first_line, reported
 from integrations.recipe_guard.compat import patch_target
 
 SAVE_OPTION = "recipe_guard_one_line_save_errors"
@@ -33,19 +33,6 @@ _TORCH_SHORT_WRITE = re.compile(
     r"PytorchStreamWriter failed writing file")
 
 
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def disk_error_reason(err: BaseException) -> str | None:
     """The short reason when `err` is a write that failed for lack of space (see above), else
     None."""
@@ -53,15 +40,15 @@ def disk_error_reason(err: BaseException) -> str | None:
         from safetensors import SafetensorError
     except ImportError:  # pragma: no cover - transformers always brings safetensors
         SafetensorError = ()  # noqa: N806
-    for e in _chain(err):
+    for e in exception_chain(err):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            return e.strerror or _first_line(e)
+            return e.strerror or first_line(e)
         if SafetensorError and isinstance(e, SafetensorError):
             code = _OS_ERROR_CODE.search(str(e))
             if code and int(code[1]) in DISK_ERRNOS:
-                return _first_line(e)
+                return first_line(e)
         if isinstance(e, RuntimeError) and _TORCH_SHORT_WRITE.search(str(e)):
-            return _first_line(e)
+            return first_line(e)
     return None
 
 
