@@ -101,7 +101,7 @@ def test_export_of_the_demo_run_loads_in_llama_cpp_and_matches_transformers(shor
 
     llm = Llama(model_path=str(out / "frankenstein-demo-q8_0.gguf"), n_ctx=256, verbose=False)
     assert llm.metadata["general.architecture"] == "llama"
-    assert llm.detokenize([llm.token_eos()]) == b"<|endoftext|>"
+    assert llm.detokenize([llm.token_eos()], special=True) == b"<|endoftext|>"
     assert "tokenizer.chat_template" not in llm.metadata
     completion = llm("It was on a dreary night of November that", max_tokens=12, temperature=0)
     assert completion["usage"]["completion_tokens"] > 0
