@@ -340,7 +340,7 @@ def test_flags_the_services_pass_are_accepted(tmp_path):
     texts = [" ".join(shell_words(s)) for s in rendered(tmp_path)["services"].values()]
     texts.append((REPO / "docker" / "eval.sh").read_text(encoding="utf-8"))
     calls = [call for text in texts for call in _python_m_calls(text)]
-    assert {module for module, _ in calls} >= {"data_prep", "eval.perplexity"}
+    assert {module for module, _ in calls} >= {"data_prep", "eval"}
     unknown = []
     for module, flags in calls:
         if not module_exists(module):
@@ -602,18 +602,18 @@ def test_entrypoint_rejects_a_missing_recipe_in_one_line(tmp_path):
 
 
 def test_eval_script_reads_model_run_and_data_from_the_recipe(tmp_path):
+    """docker/eval.sh is `python -m eval RECIPE`: the run directory, the held-out data and
+    4-bit loading come from the recipe, each bad input stopping with its one line (exit 2)."""
     run_dir = tmp_path / "run"
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "base_model": "mistralai/Mistral-7B-v0.1",
-                "load_in_4bit": True,
-                "output_dir": str(run_dir),
-                "test_datasets": [{"path": "data/prepared/seed/eval.jsonl", "type": "completion"}],
-            }
-        )
-    )
+    cfg = {
+        "base_model": "mistralai/Mistral-7B-v0.1",
+        "load_in_4bit": True,
+        "output_dir": str(run_dir),
+        "test_datasets": [{"path": "data/prepared/seed/no-such-eval.jsonl",
+                           "type": "completion"}],
+    }
+    recipe.write_text(yaml.safe_dump(cfg))
     bindir = str(Path(sys.executable).parent)
     env = _clean_env(
         tmp_path,
@@ -622,41 +622,40 @@ def test_eval_script_reads_model_run_and_data_from_the_recipe(tmp_path):
         HF_HUB_OFFLINE="1",
     )
     script = str(REPO / "docker" / "eval.sh")
-    no_run = subprocess.run(
-        ["bash", script], cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
-    assert no_run.returncode == 2
-    assert f"{run_dir}/adapter_config.json not found" in no_run.stderr
 
-    # With a run directory that holds only adapter_config.json, the real eval.perplexity starts
-    # and refuses it; bash's trace shows the exact command the recipe produced.
+    def eval_sh() -> tuple[int, list[str], list[str]]:
+        result = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=120, check=False)
+        lines = result.stderr.strip().splitlines()
+        return (result.returncode, [line for line in lines if line.startswith("+ ")],
+                [line for line in lines if line.startswith("error: ")])
+
+    # no run yet: the recipe's output_dir is named, with the command that makes it
+    rc, traced, errors = eval_sh()
+    assert traced == [f"+ exec python -m eval {recipe}"]
+    assert rc == 2 and len(errors) == 1, errors
+    assert f"{run_dir}/adapter_config.json not found" in errors[0]
+    assert f"axolotl train {recipe}" in errors[0]
+
+    # a run exists: the held-out data is the recipe's first test_datasets path
     run_dir.mkdir()
-    (run_dir / "adapter_config.json").write_text("{}")
-    result = subprocess.run(
-        ["bash", script],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode != 0
-    traced = [line for line in result.stderr.splitlines() if line.startswith("+ python -m ")]
-    assert traced[0].split() == [
-        "+",
-        "python",
-        "-m",
-        "eval.perplexity",
-        "--model",
-        "mistralai/Mistral-7B-v0.1",
-        "--adapter",
-        str(run_dir),
-        "--data",
-        "data/prepared/seed/eval.jsonl",
-        "--compare",
-        "--load-in-4bit",
-    ]
+    (run_dir / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}')
+    (run_dir / "adapter_model.safetensors").write_bytes(b"")
+    rc, _, errors = eval_sh()
+    assert rc == 2 and errors == ["error: held-out data file data/prepared/seed/"
+                                  "no-such-eval.jsonl not found: run `python -m data_prep` "
+                                  "first"], errors
+
+    # the data exists: the base model is the recipe's (not on this offline machine)
+    data = REPO / "data" / "prepared" / "seed" / "eval.jsonl"
+    if not data.is_file():
+        pytest.skip(f"{data.relative_to(REPO)} not prepared (python -m data_prep)")
+    cfg["test_datasets"][0]["path"] = "data/prepared/seed/eval.jsonl"
+    recipe.write_text(yaml.safe_dump(cfg))
+    rc, _, errors = eval_sh()
+    assert rc == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("error: model directory mistralai/Mistral-7B-v0.1 not found"), \
+        errors
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is needed for the docker scripts")

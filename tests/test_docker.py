@@ -657,7 +657,8 @@ def evaluated(prepped, training) -> tuple[int, str]:
 def test_run_eval_writes_perplexity_and_report(evaluated, prepped):
     rc, log = evaluated
     assert rc == 0 and "Traceback" not in log, log[-6000:]
-    assert "+ python -m eval.report" in log, log[-6000:]  # eval.sh got to its last step
+    assert "+ exec python -m eval " in log, log[-6000:]  # eval.sh is the one eval entry point
+    assert "evaluated outputs/" in log, log[-6000:]  # ... which got to its summary line
     run_dir = prepped.clone / RUN_DIR
     perplexity = json.loads((run_dir / "eval" / "perplexity.json").read_text())
     assert perplexity, "empty perplexity.json"
@@ -699,6 +700,34 @@ def test_hf_cache_is_the_host_directory_and_hf_token_stays_a_secret(prepped, eng
     inspect = engine.podman("inspect", f"{PROJECT}-train-1")
     assert inspect.returncode == 0, inspect.stderr
     assert FAKE_HF_TOKEN not in inspect.stdout
+
+
+def test_stop_signal_reaches_every_process_of_the_job(prepped, engine):
+    """What makes `docker compose stop` end training cleanly: SIGTERM reaches the job's
+    grandchildren too (axolotl -> accelerate -> the trainer), not only PID 1's child. Here the
+    job's command starts a shell that starts another one, which traps SIGTERM and leaves a mark."""
+    outputs = prepped.clone / "outputs"
+    ready, mark = outputs / "grandchild-ready", outputs / "grandchild-got-sigterm"
+    inner = "trap 'echo TERM > outputs/grandchild-got-sigterm; exit 0' TERM; " \
+            "touch outputs/grandchild-ready; sleep 600 & wait"
+    outer = f"trap : TERM; bash -c {shlex.quote(inner)} & child=$!; wait $child; wait $child"
+    rc, log, _ = prepped.run("run", "-d", "--no-deps", "train", "bash", "-c", outer,
+                             log="run-signal-check")
+    assert rc == 0, log
+    name = log.strip().splitlines()[-1].strip()
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert time.monotonic() < deadline, engine.podman("logs", name).stdout
+            time.sleep(0.2)
+        start = time.monotonic()
+        stop = engine.podman("stop", "--time", "30", name)  # what `docker compose stop` asks
+        seconds = time.monotonic() - start
+        assert stop.returncode == 0, stop.stderr
+    finally:
+        engine.podman("rm", "--force", name)
+    assert mark.is_file() and mark.read_text().strip() == "TERM"
+    assert seconds < 10, seconds
 
 
 # --- the real train service (GPU recipe) on a machine without a GPU ----------------------------

@@ -84,10 +84,7 @@ def test_recipe_header_and_groups(recipe):
     for group in ("# Model", "# Quantisation/LoRA", "# Data", "# Training",
                   "# Evaluation/Logging"):
         assert f"\n{group}\n" in text, f"{recipe.name} lacks the {group} group"
-    # the demo recipe names the plugin by its former path (recipes/guard.py re-exports it)
-    guard = ("recipes.guard.RecipeGuardPlugin" if recipe.name == "smollm2-demo-cpu.yml"
-             else "integrations.recipe_guard.RecipeGuardPlugin")
-    assert guard in load(recipe)["plugins"]
+    assert "integrations.recipe_guard.RecipeGuardPlugin" in load(recipe)["plugins"]
 
 
 def test_misspelt_key_fails_with_a_suggestion(prepared_data):
