@@ -49,6 +49,8 @@ import pytest
 import yaml
 from conftest import find_real_csv, write_synthetic_book
 
+from core.files import write_json
+
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -760,7 +762,8 @@ def test_real_train_service_without_a_gpu_stops_with_one_line(stack, built, engi
 
 
 def test_zz_print_measured_figures(request, stack):
-    """Not a check: the figures docs/docker.md quotes, on the terminal."""
+    """Not a check: the figures docs/docker.md quotes, on the terminal and as JSON in
+    outputs/test-docker/figures.json (the file docs/results/ keeps a copy of)."""
     if not FIGURES:
         pytest.skip("nothing was measured")
     load = os.getloadavg()
@@ -769,3 +772,7 @@ def test_zz_print_measured_figures(request, stack):
     for name, value in FIGURES.items():
         _say(request, f"  {name}: {value}")
     _say(request, "  commands: " + "; ".join(stack.runs))
+    record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+              "load_average": [round(x, 1) for x in load], "figures": FIGURES,
+              "commands": stack.runs}
+    write_json(REPO / "outputs" / "test-docker" / "figures.json", record)
