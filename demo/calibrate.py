@@ -45,6 +45,8 @@ VARIANTS: dict[str, dict] = {
                            "max_steps": 80, "warmup_steps": 4},
     "r16-lr3e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.003,
                            "max_steps": 80, "warmup_steps": 4},
+    "r16-lr4e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.004,
+                           "max_steps": 80, "warmup_steps": 4},
 }
 
 
@@ -75,24 +77,55 @@ def run_variant(name: str, threads: int | None = None, demo_args: tuple[str, ...
                                str(recipe.relative_to(REPO)), *demo_args], cwd=REPO,
                               env=env, stdout=handle, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    note = None if proc.returncode == 0 else f"demo exited {proc.returncode} after scoring"
+    if not (recipe.parent / "eval" / "perplexity.json").is_file():
         raise SystemExit(f"calibrate: {name} failed (exit {proc.returncode}); see {log}")
-    summary = json.loads((recipe.parent / "demo_summary.json").read_text())
+    row = record(name, demo_seconds=wall if proc.returncode == 0 else None,
+                 load=[load_before[0], os.getloadavg()[0]],
+                 threads=int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 0),
+                 demo_args=list(demo_args), note=note)
+    return row
+
+
+def record(name: str, **extra) -> dict:
+    """One results row from outputs/calibration/NAME: perplexities from eval/perplexity.json,
+    the trainer's own runtime and token count from trainer_state.json, the whole-demo time
+    from demo_summary.json when the demo finished."""
+    run = REPO / OUT / name
+    ppl = json.loads((run / "eval" / "perplexity.json").read_text())
+    by_kind = {d["kind"]: d for d in ppl["datasets"]}
+
+    def change(kind: str) -> tuple[float, list[float]]:
+        m = by_kind[kind]["metrics"]
+        return (round(by_kind[kind]["relative_change_pct"]["corpus_ppl"], 2),
+                [round(m["base"]["corpus_ppl"], 2), round(m["adapter"]["corpus_ppl"], 2)])
+
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"] if states else []
+    summary_file = run / "demo_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    held, held_ppl = change("held-out")
+    control, control_ppl = change("control")
     row = {
         "name": name,
         "overrides": VARIANTS[name],
-        "held_out_change_pct": round(summary["held_out_corpus_ppl"]["change_pct"], 2),
-        "held_out_ppl": [round(summary["held_out_corpus_ppl"]["base"], 2),
-                         round(summary["held_out_corpus_ppl"]["adapter"], 2)],
-        "control_change_pct": round(summary["control_corpus_ppl"]["change_pct"], 2),
-        "train_seconds": summary["train_seconds"],
-        "demo_seconds": round(wall, 1),
-        "tokens_trained": summary["tokens_trained"],
-        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "threads": int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 0),
-        "demo_args": list(demo_args),
+        "held_out_change_pct": held,
+        "held_out_ppl": held_ppl,
+        "control_change_pct": control,
+        "control_ppl": control_ppl,
+        "train_loop_seconds": next((r["train_runtime"] for r in reversed(history)
+                                    if "train_runtime" in r), None),
+        "train_seconds": summary.get("train_seconds"),
+        "tokens_trained": next((r["tokens/trainable"] for r in reversed(history)
+                                if "tokens/trainable" in r), None),
         "date": dt.date.today().isoformat(),
     }
+    demo_seconds = extra.pop("demo_seconds", None)
+    row["demo_seconds"] = round(demo_seconds, 1) if demo_seconds else summary.get("demo_seconds")
+    if "load" in extra:
+        extra["load_average_1min"] = [round(x, 2) for x in extra.pop("load")]
+    row.update({k: v for k, v in extra.items() if v is not None})
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     rows.append(row)
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
@@ -100,15 +133,20 @@ def run_variant(name: str, threads: int | None = None, demo_args: tuple[str, ...
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | overrides | held-out ppl change | control change | train | whole demo "
-             "| load (1-min avg) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | overrides | held-out ppl change | control change | training loop "
+             "| whole demo | threads, load (1-min avg) |", "|---|---|---|---|---|---|---|"]
+
+    def minutes(seconds):
+        return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
     for r in rows:
         overrides = ", ".join(f"{k} {v}" for k, v in r["overrides"].items())
-        lines.append(f"| {r['name']} | {overrides} | {r['held_out_change_pct']:+.1f} % "
+        load = r.get("load_average_1min")
+        lines.append(f"| {r['name']} | {overrides} | **{r['held_out_change_pct']:+.1f} %** "
                      f"({r['held_out_ppl'][0]:.2f} → {r['held_out_ppl'][1]:.2f}) | "
-                     f"{r['control_change_pct']:+.1f} % | {r['train_seconds'] / 60:.1f} min | "
-                     f"{r['demo_seconds'] / 60:.1f} min | "
-                     f"{r['load_average_1min'][0]:.1f} → {r['load_average_1min'][1]:.1f} |")
+                     f"{r['control_change_pct']:+.1f} % | {minutes(r.get('train_loop_seconds'))} "
+                     f"| {minutes(r.get('demo_seconds'))} | {r.get('threads', 'n/a')}, "
+                     + (f"{load[0]:.1f} → {load[1]:.1f}" if load else "n/a") + " |")
     return "\n".join(lines)
 
 
@@ -118,6 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME", help="variants to run (see --list)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--record", metavar="NAME", help="append the row of an existing "
+                        "outputs/calibration/NAME run (e.g. one whose demo stopped after scoring)")
+    parser.add_argument("--note", help="with --record: a remark stored in the row")
     parser.add_argument("--threads", type=int,
                         help="OMP_NUM_THREADS for the run (1 keeps a shared machine from "
                              "thrashing; the perplexities do not depend on it)")
@@ -131,6 +172,8 @@ def main(argv=None) -> int:
     if args.list:
         for name, overrides in VARIANTS.items():
             print(f"{name}: {overrides}")
+    if args.record:
+        print(json.dumps(record(args.record, threads=args.threads, note=args.note)))
     for name in args.names:
         print(json.dumps(run_variant(name, args.threads, tuple(args.demo_arg))), flush=True)
     if args.table:
