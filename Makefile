@@ -11,6 +11,9 @@ STAMP := $(VENV)/.setup-stamp
 # whatever torch 2.13.0 your package index or pip configuration resolves to).
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+# `make test` runs in this many pytest-xdist workers (tests sharing a session fixture stay
+# together, tests/conftest.py); 1 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 
 # Offline by default (the demo and tests need no hub); axolotl telemetry off everywhere.
 export HF_HUB_OFFLINE ?= 1
@@ -95,7 +98,7 @@ demo-tiny: setup
 	$(PY) -m demo --recipe recipes/tiny-mistral-cpu.yml
 
 test: setup setup-export
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)

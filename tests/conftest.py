@@ -7,7 +7,10 @@ tests all read the same run instead of training again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -128,13 +131,43 @@ def write_recipe(source: Path, target: Path, **overrides) -> Path:
     return core.runs.write_recipe(source, target, overrides)
 
 
+@contextlib.contextmanager
+def repository_lock(name: str):
+    """One pytest worker at a time builds `name` inside the repository (data/prepared/,
+    models/...): `make test` runs the suite in parallel workers (pytest-xdist), each with its own
+    session fixtures. The builds are idempotent, so the second worker finds the first's result."""
+    key = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"frankenstein-tests-{key}-{name}.lock"
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Tests that share an expensive session fixture run in the same worker (`--dist loadgroup`), so
+# the fixture is computed once per suite run, not once per worker.
+FIXTURE_GROUPS = {"tiny_run": "tiny-run", "tiny_trained": "tiny-run",
+                  "short_demo_log": "short-demo", "short_demo_run": "short-demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ())
+                  if f in FIXTURE_GROUPS}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
+
+
 @pytest.fixture(scope="session")
 def prepared_data() -> Path:
     """data/prepared/{clean,seed} made by the real data_prep from the real CSV (idempotent), or
     from a synthetic book where the CSV is not on the machine."""
     from data_prep.prepare import main
 
-    assert main(["--mode", "both", *book_csv_args()]) == 0
+    with repository_lock("prepared-data"):
+        assert main(["--mode", "both", *book_csv_args()]) == 0
     return REPO / "data" / "prepared"
 
 
@@ -142,7 +175,8 @@ def prepared_data() -> Path:
 def tiny_model(prepared_data) -> Path:
     from models.tiny_mistral import build_tiny_mistral
 
-    return build_tiny_mistral(REPO / "models" / "tiny-mistral")
+    with repository_lock("tiny-mistral"):
+        return build_tiny_mistral(REPO / "models" / "tiny-mistral")
 
 
 @dataclass
