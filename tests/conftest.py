@@ -152,6 +152,7 @@ FIXTURE_GROUPS = {"tiny_run": "tiny-run", "tiny_trained": "tiny-run",
                   "short_demo_log": "short-demo", "short_demo_run": "short-demo"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         groups = {FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ())
