@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict] = {
                             "max_steps": 100, "warmup_steps": 4},
     "r32-lr2e-3-100steps": {"lora_r": 32, "lora_alpha": 64, "learning_rate": 0.002,
                             "max_steps": 100, "warmup_steps": 4},
+    "r16-lr2e-3-140steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
+                            "max_steps": 140, "warmup_steps": 4},
     "r16-lr2e-3-100steps-seq1024": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
                                     "max_steps": 100, "warmup_steps": 4,
                                     "sequence_len": 1024, "micro_batch_size": 1},
