@@ -29,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.errors import UserError, cli
 from export import LLAMA_CPP_PYTHON_VERSION
 from export.check import DEFAULT_GREEDY_TOKENS, DEFAULT_PROMPT
-from export.converter import ConverterError, find_converter
+from export.converter import find_converter
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = Path("outputs/smollm2-demo-cpu")
@@ -41,9 +42,6 @@ CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_ggu
 QUANTIZE_TYPES = ("q4_k_m", "q5_k_m", "q4_0")  # quantised from f16 by llama.cpp (llama_cpp)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-
-class ExportError(Exception):
-    """A bad input, reported as one line naming the file and the fix."""
 
 
 def banner(step: int, title: str) -> None:
@@ -56,27 +54,27 @@ def banner(step: int, title: str) -> None:
 def read_run(run_dir: Path, base_model: str | None) -> tuple[str | None, bool]:
     """(base model reference, is_adapter) of an axolotl output_dir."""
     if not run_dir.is_dir():
-        raise ExportError(f"run directory {run_dir} not found: pass the output_dir of a finished "
+        raise UserError(f"run directory {run_dir} not found: pass the output_dir of a finished "
                           "run (make demo writes outputs/smollm2-demo-cpu)")
     config = run_dir / "adapter_config.json"
     if config.is_file():
         if not any((run_dir / n).is_file()
                    for n in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise ExportError(f"{run_dir} has adapter_config.json but no adapter_model.safetensors:"
+            raise UserError(f"{run_dir} has adapter_config.json but no adapter_model.safetensors:"
                               " the run did not finish; re-run its axolotl train command")
         try:
             base = base_model or json.loads(config.read_text())["base_model_name_or_path"]
         except (ValueError, KeyError):
-            raise ExportError(f"{config} is not a PEFT adapter config (no base_model_name_or_path);"
+            raise UserError(f"{config} is not a PEFT adapter config (no base_model_name_or_path);"
                               " pass --base-model") from None
         local = Path(base).expanduser()
         if base.startswith((".", "/", "~")) and not (local / "config.json").is_file():
-            raise ExportError(f"base model {base} (from {config}) not found: build it (python -m "
+            raise UserError(f"base model {base} (from {config}) not found: build it (python -m "
                               "models.smollm2) or pass --base-model DIR")
         return base, True
     if (run_dir / "config.json").is_file() and any(run_dir.glob("model*.safetensors")):
         return None, False  # a full fine-tune: already a complete model
-    raise ExportError(f"{run_dir} holds neither a LoRA adapter (adapter_config.json) nor a full "
+    raise UserError(f"{run_dir} holds neither a LoRA adapter (adapter_config.json) nor a full "
                       "model (config.json + model*.safetensors): pass an axolotl output_dir")
 
 
@@ -91,7 +89,7 @@ def read_passage(path: Path | None) -> tuple[str, str]:
                 if line.strip():
                     return json.loads(line)["text"], f"{candidate} (first row)"
         return candidate.read_text(encoding="utf-8").strip(), str(candidate)
-    raise ExportError(f"passage file {path or HELD_OUT} not found: run python -m data_prep, or "
+    raise UserError(f"passage file {path or HELD_OUT} not found: run python -m data_prep, or "
                       "pass --passage FILE (text or JSONL with a 'text' field)")
 
 
@@ -184,7 +182,7 @@ def plain_byte_level_bpe(model_dir: Path, tokenizer) -> bool:
               "naïve café\n\n\tend<|endoftext|>")
     fixed = AutoTokenizer.from_pretrained(model_dir)
     if fixed(sample)["input_ids"] != tokenizer(sample)["input_ids"]:
-        raise ExportError(f"{path}: making the byte-level BPE tokenizer plain changed its "
+        raise UserError(f"{path}: making the byte-level BPE tokenizer plain changed its "
                           "encoding; export cannot guarantee llama.cpp tokenises like training")
     print("tokenizer.json: byte-level BPE written without byte fallback (same encodings)")
     return True
@@ -200,7 +198,7 @@ def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str) -> No
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         sys.stderr.write(proc.stderr[-4000:])
-        raise ExportError(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}; "
+        raise UserError(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}; "
                           "its log is above)")
     os.replace(tmp, outfile)
 
@@ -218,7 +216,7 @@ def quantize(source: Path, outfile: Path, qtype: str) -> None:
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp could not quantise {source} to {qtype} (status {status})")
+        raise UserError(f"llama.cpp could not quantise {source} to {qtype} (status {status})")
     os.replace(tmp, outfile)
 
 
@@ -267,7 +265,7 @@ def run_export(args) -> dict:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            raise ExportError("llama-cpp-python is not installed (the llama.cpp runtime that "
+            raise UserError("llama-cpp-python is not installed (the llama.cpp runtime that "
                               "checks the GGUF): run `make setup-export`, or pass --no-check"
                               ) from None
     converter = find_converter(args.converter)
@@ -389,21 +387,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def run_main(argv=None) -> int:
     args = parse_args(argv)
     for key in ("run_dir", "out", "passage", "converter"):  # before run_export's chdir
         if getattr(args, key) is not None:
             setattr(args, key, getattr(args, key).absolute())
     try:
         summary = run_export(args)
-    except (ExportError, ConverterError) as exc:
-        print(f"export: error: {exc}", file=sys.stderr)
-        return 2
     except OSError as exc:  # disk full, no permission
-        print(f"export: error: {exc.strerror or exc} ({exc.filename or 'output'}): free space or "
-              "pick another --out", file=sys.stderr)
-        return 2
+        raise UserError(f"{exc.strerror or exc} ({exc.filename or 'output'}): free space or "
+                        "pick another --out") from None
     return 0 if summary["passed"] else 1
+
+
+main = cli(run_main, prog="export")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from core.errors import UserError, cli
 from export import LLAMA_CPP_PYTHON_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +32,6 @@ SCRIPT = "convert_hf_to_gguf.py"
 # What the converter needs from vendor/llama.cpp/ (plus the licence it ships under).
 MEMBERS = (SCRIPT, "conversion/", "gguf-py/gguf/", "LICENSE")
 
-
-class ConverterError(Exception):
-    pass
 
 
 def sdist_name(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
@@ -53,7 +51,7 @@ def download_sdist(version: str, dest: Path) -> Path:
     path = dest / sdist_name(version)
     if proc.returncode != 0 or not path.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConverterError(f"could not download llama-cpp-python=={version} from the package "
+        raise UserError(f"could not download llama-cpp-python=={version} from the package "
                              f"index ({last}); put {sdist_name(version)} into {CACHE}/ or pass "
                              "--converter PATH/convert_hf_to_gguf.py")
     return path
@@ -70,7 +68,7 @@ def extract(sdist: Path, target: Path, version: str) -> Path:
                       and (m.isfile() or m.isdir())
                       and any(m.name[len(prefix):].startswith(w) for w in MEMBERS)]
             if not any(m.name == prefix + SCRIPT for m in wanted):
-                raise ConverterError(f"{sdist} holds no {prefix}{SCRIPT}: is it the "
+                raise UserError(f"{sdist} holds no {prefix}{SCRIPT}: is it the "
                                      f"llama-cpp-python {version} source distribution?")
             for member in wanted:
                 member.name = member.name[len(prefix):]
@@ -88,7 +86,7 @@ def find_converter(explicit: Path | None = None, version: str = LLAMA_CPP_PYTHON
     """Path of convert_hf_to_gguf.py, fetched and unpacked on first use."""
     if explicit is not None:
         if not Path(explicit).is_file():
-            raise ConverterError(f"converter {explicit} not found: pass the path of llama.cpp's "
+            raise UserError(f"converter {explicit} not found: pass the path of llama.cpp's "
                                  f"{SCRIPT} or leave --converter out to fetch it")
         return Path(explicit)
     script = converter_dir(version, cache) / SCRIPT
@@ -101,14 +99,15 @@ def find_converter(explicit: Path | None = None, version: str = LLAMA_CPP_PYTHON
         return extract(download_sdist(version, Path(tmp)), converter_dir(version, cache), version)
 
 
-def main(argv=None) -> int:
+def run_main(argv=None) -> None:
     del argv
     try:
         print(find_converter())
-    except (ConverterError, OSError, tarfile.TarError) as exc:
-        print(f"export.converter: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except (OSError, tarfile.TarError) as exc:
+        raise UserError(str(exc)) from None
+
+
+main = cli(run_main, prog="export.converter")
 
 
 if __name__ == "__main__":
