@@ -102,15 +102,11 @@ def train(recipe: Path) -> float:
 
 def summarise(run: Run, recipe: Path, evaluation: dict, train_seconds: float,
               demo_seconds: float) -> dict:
-    def before_after(key: str) -> dict:
-        figures = evaluation[key]
-        return {"base": figures["base"], "adapter": figures["adapter"],
-                "change_pct": figures["change_pct"]}
-
     summary = {
         "recipe": str(recipe),
-        "held_out_corpus_ppl": before_after(HELD_OUT_CORPUS_PPL),
-        "control_corpus_ppl": before_after(CONTROL_CORPUS_PPL),
+        # {"base": ..., "adapter": ..., "change_pct": ...}, as evaluation.json has them
+        "held_out_corpus_ppl": evaluation[HELD_OUT_CORPUS_PPL],
+        "control_corpus_ppl": evaluation[CONTROL_CORPUS_PPL],
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": evaluation["seconds"],
         "demo_seconds": round(demo_seconds, 1),

@@ -25,38 +25,43 @@ import sys
 import time
 from pathlib import Path
 
-from core.runs import write_recipe
+from core.runs import (
+    ADAPTER,
+    BASE,
+    CONTROL,
+    HELD_OUT,
+    PERPLEXITY_JSON,
+    Run,
+    newest_trainer_state,
+    write_recipe,
+)
+from eval.pipeline import corpus_ppl
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-demo-cpu.yml"
 RESULTS = REPO / "docs" / "demo-calibration.json"
 OUT = Path("outputs/calibration")
 
+def lora(rank: int, learning_rate: float, steps: int, **extra) -> dict:
+    """Overrides of one variant: LoRA rank (alpha = 2 x rank), peak learning rate, steps."""
+    return {"lora_r": rank, "lora_alpha": 2 * rank, "learning_rate": learning_rate,
+            "max_steps": steps, "warmup_steps": 4, **extra}
+
+
 # name -> recipe overrides. Everything not named here is the recipe as committed.
 VARIANTS: dict[str, dict] = {
     # the recipe before calibration: r16 all-linear, micro-batch 2 x 512 packed, lr 1e-3 cosine
-    "r16-lr1e-3-48steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.001,
-                           "max_steps": 48, "warmup_steps": 4},
-    "r16-lr1e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.001,
-                           "max_steps": 80, "warmup_steps": 4},
-    "r16-lr2e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
-                           "max_steps": 80, "warmup_steps": 4},
-    "r32-lr2e-3-80steps": {"lora_r": 32, "lora_alpha": 64, "learning_rate": 0.002,
-                           "max_steps": 80, "warmup_steps": 4},
-    "r16-lr3e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.003,
-                           "max_steps": 80, "warmup_steps": 4},
-    "r16-lr4e-3-80steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.004,
-                           "max_steps": 80, "warmup_steps": 4},
+    "r16-lr1e-3-48steps": lora(16, 0.001, 48),
+    "r16-lr1e-3-80steps": lora(16, 0.001, 80),
+    "r16-lr2e-3-80steps": lora(16, 0.002, 80),
+    "r32-lr2e-3-80steps": lora(32, 0.002, 80),
+    "r16-lr3e-3-80steps": lora(16, 0.003, 80),
+    "r16-lr4e-3-80steps": lora(16, 0.004, 80),
     # one model load and batched generation left more of the 15 minutes to training
-    "r16-lr2e-3-100steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
-                            "max_steps": 100, "warmup_steps": 4},
-    "r32-lr2e-3-100steps": {"lora_r": 32, "lora_alpha": 64, "learning_rate": 0.002,
-                            "max_steps": 100, "warmup_steps": 4},
-    "r16-lr2e-3-140steps": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
-                            "max_steps": 140, "warmup_steps": 4},
-    "r16-lr2e-3-100steps-seq1024": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 0.002,
-                                    "max_steps": 100, "warmup_steps": 4,
-                                    "sequence_len": 1024, "micro_batch_size": 1},
+    "r16-lr2e-3-100steps": lora(16, 0.002, 100),
+    "r32-lr2e-3-100steps": lora(32, 0.002, 100),
+    "r16-lr2e-3-140steps": lora(16, 0.002, 140),
+    "r16-lr2e-3-100steps-seq1024": lora(16, 0.002, 100, sequence_len=1024, micro_batch_size=1),
 }
 
 
@@ -83,7 +88,7 @@ def run_variant(name: str, threads: int | None = None, demo_args: tuple[str, ...
                               env=env, stdout=handle, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     note = None if proc.returncode == 0 else f"demo exited {proc.returncode} after scoring"
-    if not (recipe.parent / "eval" / "perplexity.json").is_file():
+    if not (recipe.parent / "eval" / PERPLEXITY_JSON).is_file():
         raise SystemExit(f"calibrate: {name} failed (exit {proc.returncode}); see {log}")
     row = record(name, demo_seconds=wall if proc.returncode == 0 else None,
                  load=[load_before[0], os.getloadavg()[0]],
@@ -97,33 +102,23 @@ def record(name: str, **extra) -> dict:
     the trainer's own runtime and token count from trainer_state.json, the whole-demo time
     from demo_summary.json when the demo finished."""
     run = REPO / OUT / name
-    ppl = json.loads((run / "eval" / "perplexity.json").read_text())
-    by_kind = {d["kind"]: d for d in ppl["datasets"]}
-
-    def change(kind: str) -> tuple[float, list[float]]:
-        m = by_kind[kind]["metrics"]
-        return (round(by_kind[kind]["relative_change_pct"]["corpus_ppl"], 2),
-                [round(m["base"]["corpus_ppl"], 2), round(m["adapter"]["corpus_ppl"], 2)])
-
-    states = sorted(run.glob("checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.split("-")[1]))
-    history = json.loads(states[-1].read_text())["log_history"] if states else []
+    ppl = json.loads((run / "eval" / PERPLEXITY_JSON).read_text())
+    held, control = corpus_ppl(ppl, HELD_OUT), corpus_ppl(ppl, CONTROL)
+    newest = newest_trainer_state(run)
+    history = newest[1].get("log_history") or [] if newest else []
     summary_file = run / "demo_summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    held, held_ppl = change("held-out")
-    control, control_ppl = change("control")
     row = {
         "name": name,
         "overrides": VARIANTS[name],
-        "held_out_change_pct": held,
-        "held_out_ppl": held_ppl,
-        "control_change_pct": control,
-        "control_ppl": control_ppl,
+        "held_out_change_pct": round(held["change_pct"], 2),
+        "held_out_ppl": [round(held[BASE], 2), round(held[ADAPTER], 2)],
+        "control_change_pct": round(control["change_pct"], 2),
+        "control_ppl": [round(control[BASE], 2), round(control[ADAPTER], 2)],
         "train_loop_seconds": next((r["train_runtime"] for r in reversed(history)
                                     if "train_runtime" in r), None),
         "train_seconds": summary.get("train_seconds"),
-        "tokens_trained": next((r["tokens/trainable"] for r in reversed(history)
-                                if "tokens/trainable" in r), None),
+        "tokens_trained": Run.from_output_dir(run).tokens_trained(),
         "date": dt.date.today().isoformat(),
     }
     demo_seconds = extra.pop("demo_seconds", None)
