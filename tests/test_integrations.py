@@ -138,6 +138,18 @@ def test_plugin_refuses_recipe_settings_it_cannot_serve(change, says):
     plugin.register({**RECIPE_SETTINGS, **change, part: False})
 
 
+def test_plugin_leaves_merge_and_inference_alone():
+    """`axolotl merge-lora` clears attn_implementation and never trains: the plugin must neither
+    refuse the recipe nor patch anything then."""
+    plugin = fast_steps.FastStepsPlugin()
+    for mode in ("merge_lora", "inference"):
+        cfg = {**RECIPE_SETTINGS, "attn_implementation": None, mode: True}
+        plugin.register(cfg)
+        assert plugin.add_callbacks_pre_trainer(cfg, model=None) == []
+    with pytest.raises(UserError, match="attn_implementation"):
+        plugin.register({**RECIPE_SETTINGS, "attn_implementation": None})
+
+
 def lora_like_model(seed: int = 0) -> torch.nn.Module:
     """Frozen bf16 base weights and fp32 trainable A/B matrices, like a peft LoRA model."""
     torch.manual_seed(seed)

@@ -192,7 +192,16 @@ def test_merge_lora_gives_a_model_that_loads_and_matches_base_plus_adapter(tiny_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tiny_trained.output_dir
-    proc = run_logged([str(VENV_BIN / "axolotl"), "merge-lora", str(tiny_trained.recipe),
+    # merged through a recipe carrying the GPU recipe's plugins and the settings they check:
+    # merge-lora loads the recipe with its own overrides (attn_implementation cleared), and a
+    # plugin that validated it as a training run would stop the merge
+    # (Liger left out: its kernels need Triton and a GPU)
+    gpu = load(REPO / "recipes" / "mistral-qlora.yml")
+    merge_recipe = write_recipe(
+        tiny_trained.recipe, tmp_path / "merge.yml",
+        plugins=[p for p in gpu["plugins"] if "liger" not in p],
+        **{k: gpu[k] for k in ("sdpa_varlen", "optimizer")})
+    proc = run_logged([str(VENV_BIN / "axolotl"), "merge-lora", str(merge_recipe),
                        "--lora-model-dir", str(out)], tmp_path / "merge.log")
     assert proc.returncode == 0, (tmp_path / "merge.log").read_text()[-3000:]
     merged_dir = out / "merged"

@@ -39,9 +39,18 @@ AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
 
 
+def training(cfg) -> bool:
+    """False under `axolotl merge-lora` / `axolotl inference`: they load the recipe with their own
+    overrides (merge-lora clears `attn_implementation`) and never take a training step, so there
+    is nothing for this plugin to check or change."""
+    return not (cfg.get("merge_lora") or cfg.get("inference"))
+
+
 def settings_problems(cfg) -> list[str]:
     """What in the recipe contradicts an enabled part (one line each, with the fix)."""
     problems = []
+    if not training(cfg):
+        return problems
     if option(cfg, "fast_steps_packed_layout"):
         wanted = {"attn_implementation": "sdpa", "sample_packing": True, "sdpa_varlen": True}
         wrong = [f"`{k}: {str(v).lower()}`" for k, v in wanted.items() if cfg.get(k) != v]
@@ -127,6 +136,9 @@ class FastStepsPlugin(BasePlugin):
     def post_model_load(self, cfg, model):
         import torch
 
+        if not training(cfg):
+            return
+
         half = cfg.get("torch_dtype") in (torch.float16, torch.bfloat16)
         cuda_half = half and torch.cuda.is_available()
         if option(cfg, "fast_steps_packed_layout"):
@@ -147,6 +159,8 @@ class FastStepsPlugin(BasePlugin):
             weight_decay=args.weight_decay)
 
     def add_callbacks_pre_trainer(self, cfg, model):
+        if not training(cfg):
+            return []
         callbacks = [FreezeGarbageCollector()] if option(cfg, "fast_steps_gc_freeze") else []
         if self.params:
             callbacks.append(RequireMasterWeightOptimizer())
