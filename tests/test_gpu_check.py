@@ -62,6 +62,9 @@ def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_pa
     assert evaluate["held_out_ppl_adapter"] < evaluate["held_out_ppl_base"]
     merged = stages["merged_logits"]["key"]
     assert merged["ok"] and merged["nll_rel_diff_pct"] < 1e-3 and merged["top1_agreement"] == 1
+    weights = merged["weights"]  # every LoRA layer of the tiny model: 2 layers x 7 targets
+    assert weights["ok"] and weights["layers"] == 14 and not weights["missing"]
+    assert merged["loss_gain_kept"] == pytest.approx(1, abs=1e-3)
     assert merged["adapter_effect_max_abs"] > 100 * merged["max_abs_logit_diff"]
     assert stages["merge"]["key"]["size_gb"] > 0
     assert stages["pytest"]["key"]["passed"] == 1 and stages["pytest"]["key"]["failures"] == 0
@@ -135,3 +138,46 @@ def test_render_summary_of_a_failed_stage():
     md = render_summary(summary)
     assert md.startswith("# GPU check: FAILED")
     assert "| merge-lora | failed: exit 1: boom | 3 s | 2.0 GiB (whole GPU) |" in md
+
+
+def test_merged_weight_check_tells_a_wrong_merge_from_rounding(tiny_model, tmp_path):
+    """The merged-model stage's weight check on a real peft model of the tiny Mistral: a merge
+    stored in bf16 passes (rounding only), one with a layer's LoRA change left out or doubled
+    fails, naming that layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from bench.gpu_check import merged_weight_check
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B is no longer zero
+            torch.nn.init.normal_(param, std=0.05)
+
+    def stored(bad_layer=None, factor=1.0) -> dict:
+        tensors = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A"):
+                key = name.split("base_model.model.", 1)[-1] + ".weight"
+                delta = module.scaling["default"] * (module.lora_B["default"].weight
+                                                     @ module.lora_A["default"].weight)
+                scale = factor if key == bad_layer else 1.0
+                tensors[key] = (module.base_layer.weight + scale * delta).detach().bfloat16()
+        return tensors
+
+    right = stored()
+    assert len(right) == 14
+    save_file(right, tmp_path / "model.safetensors")
+    check = merged_weight_check(model, tmp_path)
+    assert check["ok"] and check["layers"] == 14 and check["stored_dtype"] == "bfloat16"
+    assert check["worst"]["error_mean_abs"] > 0  # bf16 rounding is there, and allowed
+
+    bad = "model.layers.1.mlp.down_proj.weight"
+    for factor in (0.0, 2.0):
+        save_file(stored(bad, factor), tmp_path / "model.safetensors")
+        check = merged_weight_check(model, tmp_path)
+        assert not check["ok"] and check["layers_over_rounding"] == [bad], factor
