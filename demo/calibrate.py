@@ -62,6 +62,16 @@ VARIANTS: dict[str, dict] = {
     "r32-lr2e-3-100steps": lora(32, 0.002, 100),
     "r16-lr2e-3-140steps": lora(16, 0.002, 140),
     "r16-lr2e-3-100steps-seq1024": lora(16, 0.002, 100, sequence_len=1024, micro_batch_size=1),
+    # LoRA+: the B matrices learn 16x faster than the A matrices (loraplus_lr_ratio)
+    "r16-lr1e-3-loraplus16-80steps": lora(16, 0.001, 80, loraplus_lr_ratio=16),
+    "r16-lr5e-4-loraplus16-80steps": lora(16, 0.0005, 80, loraplus_lr_ratio=16),
+    # r32 learned less and moved the control text more than r16: a smaller rank
+    "r8-lr2e-3-100steps": lora(8, 0.002, 100),
+    # 3 x 512 tokens a step: more text per update, same number of updates
+    "r16-lr2e-3-80steps-mb3": lora(16, 0.002, 80, micro_batch_size=3),
+    # the larger batch kept the control text in place: more of it, or a higher rate with it
+    "r16-lr2e-3-80steps-mb4": lora(16, 0.002, 80, micro_batch_size=4),
+    "r16-lr3e-3-80steps-mb3": lora(16, 0.003, 80, micro_batch_size=3),
 }
 
 
