@@ -857,7 +857,8 @@ def key_figure(stage: dict, summary: dict) -> str:
         return (f"{w.get('layers', 0)} LoRA layers: merged = base + adapter up to "
                 f"{w.get('stored_dtype')} rounding: {'yes' if w.get('ok') else 'NO'}; LoRA change"
                 f" missed by the stored weights {_fmt(w.get('delta_missed_pct_mean'), 1)} % "
-                f"(the change is {_fmt(100 * share if share else None, 2)} % of the weights); held-out loss {_fmt(k.get('nll_merged'), 4)} merged vs "
+                f"(the change is {_fmt(100 * share if share else None, 2)} % of the weights); "
+                f"held-out loss {_fmt(k.get('nll_merged'), 4)} merged vs "
                 f"{_fmt(k.get('nll_adapter'), 4)} base + adapter vs {_fmt(k.get('nll_base'), 4)} "
                 f"base ({_fmt(100 * kept if kept is not None else None, 1)} % of the gain kept), "
                 f"top-1 agree {_fmt(k.get('top1_agreement'), 3)}, max |Δlogit| "
@@ -973,42 +974,43 @@ def merged_weight_check(model, merged_dir: Path) -> dict:
     merge that adds the wrong thing from the rounding of a right sum to the stored dtype."""
     from safetensors import safe_open
 
-    where = {}
-    for file in sorted(Path(merged_dir).glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), file))
     layers, missing = [], []
-    for name, module in model.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-            continue
-        key = name.split("base_model.model.", 1)[-1] + ".weight"
-        if key not in where:
-            missing.append(key)
-            continue
-        weight = module.base_layer.weight
-        if weight.__class__.__name__ == "Params4bit":
-            import bitsandbytes.functional as bnb_functional
+    with contextlib.ExitStack() as files:  # each shard opened once, read tensor by tensor
+        handles = {}
+        for file in sorted(Path(merged_dir).glob("*.safetensors")):
+            handle = files.enter_context(safe_open(file, "pt"))
+            handles.update(dict.fromkeys(handle.keys(), handle))
+        for name, module in model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+                continue
+            key = name.split("base_model.model.", 1)[-1] + ".weight"
+            if key not in handles:
+                missing.append(key)
+                continue
+            weight = module.base_layer.weight
+            if weight.__class__.__name__ == "Params4bit":
+                import bitsandbytes.functional as bnb_functional
 
-            base = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
-        else:
-            base = weight.detach().float()
-        delta = module.scaling["default"] * (module.lora_B["default"].weight.detach().float()
-                                             @ module.lora_A["default"].weight.detach().float())
-        with safe_open(where[key], "pt") as handle:
-            stored = handle.get_tensor(key).to(base.device)
-        merged, expected = stored.float(), base + delta
-        rounding = float((expected.to(stored.dtype).float() - expected).abs().mean())
-        error = float((merged - expected).abs().mean())
-        allowed = MERGED_ROUNDING_ALLOWANCE * rounding + 1e-6 * float(expected.abs().mean())
-        layers.append({
-            "layer": key, "stored_dtype": str(stored.dtype).removeprefix("torch."),
-            "error_mean_abs": error, "rounding_mean_abs": rounding, "ok": error <= allowed,
-            "delta_mean_abs": float(delta.abs().mean()),
-            "base_mean_abs": float(base.abs().mean()),
-            # how much of the LoRA change the stored weights miss (rounding included)
-            "delta_missed_pct": 100 * float(((merged - base) - delta).abs().mean())
-            / max(float(delta.abs().mean()), 1e-30),
-        })
+                base = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            else:
+                base = weight.detach().float()
+            # in fp32 from the fp32 copies (peft's get_delta_weight keeps bf16 LoRA weights' dtype)
+            delta = module.scaling["default"] * (module.lora_B["default"].weight.detach().float()
+                                                 @ module.lora_A["default"].weight.detach().float())
+            stored = handles[key].get_tensor(key).to(base.device)
+            merged, expected = stored.float(), base + delta
+            rounding = float((expected.to(stored.dtype).float() - expected).abs().mean())
+            error = float((merged - expected).abs().mean())
+            allowed = MERGED_ROUNDING_ALLOWANCE * rounding + 1e-6 * float(expected.abs().mean())
+            delta_mean = float(delta.abs().mean())
+            layers.append({
+                "layer": key, "stored_dtype": str(stored.dtype).removeprefix("torch."),
+                "error_mean_abs": error, "rounding_mean_abs": rounding, "ok": error <= allowed,
+                "delta_mean_abs": delta_mean, "base_mean_abs": float(base.abs().mean()),
+                # how much of the LoRA change the stored weights miss (rounding included)
+                "delta_missed_pct": 100 * float(((merged - base) - delta).abs().mean())
+                / max(delta_mean, 1e-30),
+            })
     worst = max(layers, key=lambda r: r["error_mean_abs"] / max(r["rounding_mean_abs"], 1e-30),
                 default=None)
     return {
