@@ -24,6 +24,7 @@ from pathlib import Path
 from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
 from core.runs import EVAL_SUBDIR
+from core.tokens import context_prefix_id, with_context_prefix
 from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
@@ -288,27 +289,10 @@ def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | No
     return tok
 
 
-def context_prefix_id(tok) -> int | None:
-    """Token to put before each text when the tokenizer adds no BOS itself.
-
-    The Mistral tokenizer adds BOS: nothing extra. Tokenizers that add none (SmolLM2's) get EOS
-    as a context-only first token, as lm-eval does for rolling log-likelihoods and as packed
-    training sees each passage after the previous one's EOS; otherwise a text's first token
-    would have no context and could not be scored. The prefix is never scored.
-    """
-    probe = tok("a", add_special_tokens=True)["input_ids"]
-    if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id:
-        return None
-    return tok.eos_token_id
-
-
 def encode(tok, texts: list[str]) -> tuple[list[list[int]], int | None]:
     """Token ids of each text as the tokenizer adds specials, plus the context prefix if any."""
-    prefix = context_prefix_id(tok)
     ids = tok(list(texts), add_special_tokens=True)["input_ids"]
-    if prefix is not None:
-        ids = [[prefix, *row] for row in ids]
-    return ids, prefix
+    return [with_context_prefix(tok, row) for row in ids], context_prefix_id(tok)
 
 
 def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False):

@@ -26,7 +26,7 @@ Metrics, per model and dataset (NLL in nats; a "row" is one JSONL line or paragr
   bpb and word perplexity do not depend on the tokenizer, so they compare models with different
   vocabularies (Mistral vs SmolLM2); token perplexities do not.
 Predicted tokens exclude padding and the first token of each text: BOS when the tokenizer adds
-one (Mistral), else a context-only EOS prefix (SmolLM2; see common.context_prefix_id), so
+one (Mistral), else a context-only EOS prefix (SmolLM2; see core/tokens.py), so
 every byte of the text belongs to a scored token. Rows longer than --window tokens are scored
 with the same sliding windows. The change base -> adapter is reported in percent.
 
@@ -46,10 +46,10 @@ from pathlib import Path
 from core.errors import UserError
 from core.files import sha256_of
 from core.runs import DEFAULT_EVAL_DATA, PERPLEXITY_JSON, PERPLEXITY_MD
+from core.tokens import context_prefix_id
 from eval.common import (
     LoadedModel,
     base_model_context,
-    context_prefix_id,
     default_out_dir,
     encode,
     fmt,

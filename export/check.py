@@ -22,6 +22,8 @@ import math
 import os
 from pathlib import Path
 
+from core.tokens import context_prefix_id, with_context_prefix
+
 PPL_TOLERANCE_PCT = {"f16": 0.5, "bf16": 0.5, "f32": 0.1, "q8_0": 2.0, "q5_k_m": 5.0,
                      "q4_k_m": 10.0}
 GREEDY_MUST_MATCH = {"f16", "bf16", "f32"}
@@ -30,12 +32,9 @@ DEFAULT_GREEDY_TOKENS = 16
 
 
 def hf_token_ids(tokenizer, text: str) -> list[int]:
-    """Token ids as used for scoring: the tokenizer's own specials; tokenizers that add no BOS
-    (SmolLM2) get EOS as a context-only first token, as packed training saw each passage."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id:
-        return ids
-    return [tokenizer.eos_token_id, *ids]
+    """Token ids as used for scoring: the tokenizer's own specials plus core.tokens' context
+    prefix (EOS before each text when the tokenizer adds no BOS, e.g. SmolLM2)."""
+    return with_context_prefix(tokenizer, tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def llama_token_ids(llm, text: str, with_prefix: int | None) -> list[int]:
@@ -148,9 +147,7 @@ class Reference:
         self.prompt, self.passage, self.greedy_tokens = prompt, passage, greedy_tokens
         self.prompt_ids = hf_token_ids(self.tokenizer, prompt)
         self.passage_ids = hf_token_ids(self.tokenizer, passage)
-        bos = self.tokenizer.bos_token_id
-        self.prefix = None if self.prompt_ids[0] == bos and bos is not None else \
-            self.tokenizer.eos_token_id
+        self.prefix = context_prefix_id(self.tokenizer)
         self.greedy = hf_greedy(model, self.prompt_ids, greedy_tokens)
         self.ppl = corpus_ppl(hf_nll(model, self.passage_ids))
         del model
