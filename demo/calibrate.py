@@ -51,6 +51,11 @@ def lora(rank: int, learning_rate: float, steps: int, micro_batch_size: int = 2,
             **extra}
 
 
+PASSAGE_START_TRAIN = {"path": "./data/prepared/clean/train.jsonl", "ds_type": "json",
+                       "type": "integrations.passage_start"}
+PASSAGE_START_EVAL = {**PASSAGE_START_TRAIN, "path": "./data/prepared/clean/eval.jsonl",
+                      "split": "train"}
+
 # name -> recipe overrides. Everything not named here is the recipe as committed.
 VARIANTS: dict[str, dict] = {
     # the recipe before calibration: r16 all-linear, micro-batch 2 x 512 packed, lr 1e-3 cosine
@@ -80,6 +85,38 @@ VARIANTS: dict[str, dict] = {
     "r8-lr3e-3-80steps-mb3": lora(8, 0.003, 80, micro_batch_size=3),
     "r16-lr2e-3-80steps-mb3-dropout0.1": lora(16, 0.002, 80, micro_batch_size=3,
                                               lora_dropout=0.1),
+    # each passage after an EOS, as eval scores it and as the model was pretrained on documents
+    "r16-lr2e-3-80steps-mb3-passage-start": lora(16, 0.002, 80, micro_batch_size=3,
+                                                 datasets=[PASSAGE_START_TRAIN],
+                                                 test_datasets=[PASSAGE_START_EVAL]),
+    "r16-lr2e-3-80steps-mb3-neftune5": lora(16, 0.002, 80, micro_batch_size=3,
+                                            neftune_noise_alpha=5),
+    # the passage start raised the control text's perplexity too: a lower rate, or rank 8
+    "r16-lr1.5e-3-80steps-mb3-passage-start": lora(16, 0.0015, 80, micro_batch_size=3,
+                                                   datasets=[PASSAGE_START_TRAIN],
+                                                   test_datasets=[PASSAGE_START_EVAL]),
+    "r8-lr2e-3-80steps-mb3-passage-start": lora(8, 0.002, 80, micro_batch_size=3,
+                                                datasets=[PASSAGE_START_TRAIN],
+                                                test_datasets=[PASSAGE_START_EVAL]),
+    # DoRA: LoRA's update split into a direction and a learned per-column magnitude
+    "r16-lr2e-3-80steps-mb3-dora": lora(16, 0.002, 80, micro_batch_size=3, peft_use_dora=True),
+    "r8-lr2e-3-80steps-mb3-dora": lora(8, 0.002, 80, micro_batch_size=3, peft_use_dora=True),
+    # the cosine schedule ending at 10 % of the peak rate, not 0; LoRA on the MLPs only
+    "r16-lr2e-3-80steps-mb3-minlr0.1": lora(16, 0.002, 80, micro_batch_size=3,
+                                            cosine_min_lr_ratio=0.1),
+    "r16-lr2e-3-80steps-mb3-mlp-only": lora(16, 0.002, 80, micro_batch_size=3,
+                                            lora_target_linear=False,
+                                            lora_target_modules=["gate_proj", "up_proj",
+                                                                 "down_proj"]),
+    # the MLP-only adapter lowered the control text's perplexity: push it harder
+    "r16-lr3e-3-80steps-mb3-mlp-only": lora(16, 0.003, 80, micro_batch_size=3,
+                                            lora_target_linear=False,
+                                            lora_target_modules=["gate_proj", "up_proj",
+                                                                 "down_proj"]),
+    "r16-lr2e-3-100steps-mb3-mlp-only": lora(16, 0.002, 100, micro_batch_size=3,
+                                             lora_target_linear=False,
+                                             lora_target_modules=["gate_proj", "up_proj",
+                                                                  "down_proj"]),
 }
 
 
@@ -150,6 +187,15 @@ def record(name: str, **extra) -> dict:
     return row
 
 
+def override_text(value) -> str:
+    """A table cell's value: dataset lists by their `type` (the paths are the recipe's own)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "type " + ", ".join(str(v.get("type")) for v in value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| run | overrides | held-out ppl change | control change | training loop "
              "| whole demo | threads, load (1-min avg) |", "|---|---|---|---|---|---|---|"]
@@ -158,7 +204,7 @@ def table(rows: list[dict]) -> str:
         return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
     for r in rows:
-        overrides = ", ".join(f"{k} {v}" for k, v in r["overrides"].items())
+        overrides = ", ".join(f"{k} {override_text(v)}" for k, v in r["overrides"].items())
         load = r.get("load_average_1min")
         lines.append(f"| {r['name']} | {overrides} | **{r['held_out_change_pct']:+.1f} %** "
                      f"({r['held_out_ppl'][0]:.2f} → {r['held_out_ppl'][1]:.2f}) | "
