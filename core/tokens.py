@@ -18,8 +18,3 @@ def context_prefix_id(tokenizer) -> int | None:
         return None
     return tokenizer.eos_token_id
 
-
-def with_context_prefix(tokenizer, ids: list[int]) -> list[int]:
-    """`ids` (as the tokenizer encodes with its own specials) with the context prefix if any."""
-    prefix = context_prefix_id(tokenizer)
-    return list(ids) if prefix is None else [prefix, *ids]

@@ -51,10 +51,14 @@ def lora(rank: int, learning_rate: float, steps: int, micro_batch_size: int = 2,
             **extra}
 
 
-PASSAGE_START_TRAIN = {"path": "./data/prepared/clean/train.jsonl", "ds_type": "json",
-                       "type": "integrations.passage_start"}
-PASSAGE_START_EVAL = {**PASSAGE_START_TRAIN, "path": "./data/prepared/clean/eval.jsonl",
-                      "split": "train"}
+# the recipe's datasets with integrations.passage_start as their type
+_PASSAGE_START_TRAIN = {"path": "./data/prepared/clean/train.jsonl", "ds_type": "json",
+                        "type": "integrations.passage_start"}
+PASSAGE_START = {"datasets": [_PASSAGE_START_TRAIN],
+                 "test_datasets": [{**_PASSAGE_START_TRAIN, "split": "train",
+                                    "path": "./data/prepared/clean/eval.jsonl"}]}
+MLP_ONLY = {"lora_target_linear": False, "lora_target_modules": ["gate_proj", "up_proj",
+                                                                 "down_proj"]}
 
 # name -> recipe overrides. Everything not named here is the recipe as committed.
 VARIANTS: dict[str, dict] = {
@@ -86,37 +90,22 @@ VARIANTS: dict[str, dict] = {
     "r16-lr2e-3-80steps-mb3-dropout0.1": lora(16, 0.002, 80, micro_batch_size=3,
                                               lora_dropout=0.1),
     # each passage after an EOS, as eval scores it and as the model was pretrained on documents
-    "r16-lr2e-3-80steps-mb3-passage-start": lora(16, 0.002, 80, micro_batch_size=3,
-                                                 datasets=[PASSAGE_START_TRAIN],
-                                                 test_datasets=[PASSAGE_START_EVAL]),
+    "r16-lr2e-3-80steps-mb3-passage-start": lora(16, 0.002, 80, micro_batch_size=3, **PASSAGE_START),
     "r16-lr2e-3-80steps-mb3-neftune5": lora(16, 0.002, 80, micro_batch_size=3,
                                             neftune_noise_alpha=5),
     # the passage start raised the control text's perplexity too: a lower rate, or rank 8
-    "r16-lr1.5e-3-80steps-mb3-passage-start": lora(16, 0.0015, 80, micro_batch_size=3,
-                                                   datasets=[PASSAGE_START_TRAIN],
-                                                   test_datasets=[PASSAGE_START_EVAL]),
-    "r8-lr2e-3-80steps-mb3-passage-start": lora(8, 0.002, 80, micro_batch_size=3,
-                                                datasets=[PASSAGE_START_TRAIN],
-                                                test_datasets=[PASSAGE_START_EVAL]),
+    "r16-lr1.5e-3-80steps-mb3-passage-start": lora(16, 0.0015, 80, micro_batch_size=3, **PASSAGE_START),
+    "r8-lr2e-3-80steps-mb3-passage-start": lora(8, 0.002, 80, micro_batch_size=3, **PASSAGE_START),
     # DoRA: LoRA's update split into a direction and a learned per-column magnitude
     "r16-lr2e-3-80steps-mb3-dora": lora(16, 0.002, 80, micro_batch_size=3, peft_use_dora=True),
     "r8-lr2e-3-80steps-mb3-dora": lora(8, 0.002, 80, micro_batch_size=3, peft_use_dora=True),
     # the cosine schedule ending at 10 % of the peak rate, not 0; LoRA on the MLPs only
     "r16-lr2e-3-80steps-mb3-minlr0.1": lora(16, 0.002, 80, micro_batch_size=3,
                                             cosine_min_lr_ratio=0.1),
-    "r16-lr2e-3-80steps-mb3-mlp-only": lora(16, 0.002, 80, micro_batch_size=3,
-                                            lora_target_linear=False,
-                                            lora_target_modules=["gate_proj", "up_proj",
-                                                                 "down_proj"]),
+    "r16-lr2e-3-80steps-mb3-mlp-only": lora(16, 0.002, 80, micro_batch_size=3, **MLP_ONLY),
     # the MLP-only adapter lowered the control text's perplexity: push it harder
-    "r16-lr3e-3-80steps-mb3-mlp-only": lora(16, 0.003, 80, micro_batch_size=3,
-                                            lora_target_linear=False,
-                                            lora_target_modules=["gate_proj", "up_proj",
-                                                                 "down_proj"]),
-    "r16-lr2e-3-100steps-mb3-mlp-only": lora(16, 0.002, 100, micro_batch_size=3,
-                                             lora_target_linear=False,
-                                             lora_target_modules=["gate_proj", "up_proj",
-                                                                  "down_proj"]),
+    "r16-lr3e-3-80steps-mb3-mlp-only": lora(16, 0.003, 80, micro_batch_size=3, **MLP_ONLY),
+    "r16-lr2e-3-100steps-mb3-mlp-only": lora(16, 0.002, 100, micro_batch_size=3, **MLP_ONLY),
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
 from core.runs import EVAL_SUBDIR
-from core.tokens import context_prefix_id, with_context_prefix
+from core.tokens import context_prefix_id
 from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
@@ -291,8 +291,11 @@ def load_tokenizer(model: str, tokenizer: str | None = None, eos_token: str | No
 
 def encode(tok, texts: list[str]) -> tuple[list[list[int]], int | None]:
     """Token ids of each text as the tokenizer adds specials, plus the context prefix if any."""
+    prefix = context_prefix_id(tok)
     ids = tok(list(texts), add_special_tokens=True)["input_ids"]
-    return [with_context_prefix(tok, row) for row in ids], context_prefix_id(tok)
+    if prefix is not None:
+        ids = [[prefix, *row] for row in ids]
+    return ids, prefix
 
 
 def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False):

@@ -22,7 +22,7 @@ import math
 import os
 from pathlib import Path
 
-from core.tokens import context_prefix_id, with_context_prefix
+from core.tokens import context_prefix_id
 
 PPL_TOLERANCE_PCT = {"f16": 0.5, "bf16": 0.5, "f32": 0.1, "q8_0": 2.0, "q5_k_m": 5.0,
                      "q4_k_m": 10.0}
@@ -31,10 +31,11 @@ DEFAULT_PROMPT = "I'm afraid I've created a"
 DEFAULT_GREEDY_TOKENS = 16
 
 
-def hf_token_ids(tokenizer, text: str) -> list[int]:
+def hf_token_ids(tokenizer, text: str, with_prefix: int | None) -> list[int]:
     """Token ids as used for scoring: the tokenizer's own specials plus core.tokens' context
-    prefix (EOS before each text when the tokenizer adds no BOS, e.g. SmolLM2)."""
-    return with_context_prefix(tokenizer, tokenizer(text, add_special_tokens=True)["input_ids"])
+    prefix (EOS before each text when the tokenizer adds no BOS, e.g. SmolLM2) when one is used."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return ids if with_prefix is None else [with_prefix, *ids]
 
 
 def llama_token_ids(llm, text: str, with_prefix: int | None) -> list[int]:
@@ -145,9 +146,9 @@ class Reference:
         model = AutoModelForCausalLM.from_pretrained(
             merged_dir, dtype=getattr(torch, self.dtype), device_map=self.device).eval()
         self.prompt, self.passage, self.greedy_tokens = prompt, passage, greedy_tokens
-        self.prompt_ids = hf_token_ids(self.tokenizer, prompt)
-        self.passage_ids = hf_token_ids(self.tokenizer, passage)
         self.prefix = context_prefix_id(self.tokenizer)
+        self.prompt_ids = hf_token_ids(self.tokenizer, prompt, self.prefix)
+        self.passage_ids = hf_token_ids(self.tokenizer, passage, self.prefix)
         self.greedy = hf_greedy(model, self.prompt_ids, greedy_tokens)
         self.ppl = corpus_ppl(hf_nll(model, self.passage_ids))
         del model
