@@ -106,6 +106,11 @@ VARIANTS: dict[str, dict] = {
     # the MLP-only adapter lowered the control text's perplexity: push it harder
     "r16-lr3e-3-80steps-mb3-mlp-only": lora(16, 0.003, 80, micro_batch_size=3, **MLP_ONLY),
     "r16-lr2e-3-100steps-mb3-mlp-only": lora(16, 0.002, 100, micro_batch_size=3, **MLP_ONLY),
+    # the largest held-out gain (passage start) with the adapter that spared the control text
+    "r16-lr2e-3-80steps-mb3-mlp-only-passage-start": lora(16, 0.002, 80, micro_batch_size=3,
+                                                          **MLP_ONLY, **PASSAGE_START),
+    "r16-lr2e-3-100steps-mb3-mlp-only-passage-start": lora(16, 0.002, 100, micro_batch_size=3,
+                                                           **MLP_ONLY, **PASSAGE_START),
 }
 
 
