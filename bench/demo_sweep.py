@@ -43,7 +43,8 @@ from core.runs import (
 from demo.calibrate import MLP_ONLY, PASSAGE_START, RECIPE, REPO, lora
 from eval.pipeline import corpus_ppl
 
-# the demo recipe as committed: r16 all-linear, lr 2e-3 cosine, 80 steps of 3 x 512 packed tokens
+# the demo recipe before this sweep: r16 on every linear layer, lr 2e-3 cosine, 80 steps of
+# 3 x 512 packed tokens (the rows' recorded overrides are relative to it)
 RECIPE_NOW = lora(16, 0.002, 80, micro_batch_size=3)
 ATTENTION_ONLY = {"lora_target_linear": False,
                   "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}

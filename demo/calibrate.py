@@ -42,13 +42,19 @@ RECIPE = REPO / "recipes" / "smollm2-demo-cpu.yml"
 RESULTS = REPO / "docs" / "demo-calibration.json"
 OUT = Path("outputs/calibration")
 
+# What the recipe was when most rows were run: LoRA on every linear layer, 512-token bins.
+RECIPE_BEFORE_SWEEP = {"lora_target_linear": True, "lora_target_modules": None,
+                       "sequence_len": 512}
+
+
 def lora(rank: int, learning_rate: float, steps: int, micro_batch_size: int = 2,
          **extra) -> dict:
     """Overrides of one variant: LoRA rank (alpha = 2 x rank), peak learning rate, steps, packed
-    rows of 512 tokens a step (2 unless named: the recipe's value when most rows were run)."""
-    return {"lora_r": rank, "lora_alpha": 2 * rank, "learning_rate": learning_rate,
-            "max_steps": steps, "warmup_steps": 4, "micro_batch_size": micro_batch_size,
-            **extra}
+    rows of 512 tokens a step (2 unless named: the recipe's value when most rows were run), on
+    every linear layer unless `extra` says otherwise."""
+    return {**RECIPE_BEFORE_SWEEP, "lora_r": rank, "lora_alpha": 2 * rank,
+            "learning_rate": learning_rate, "max_steps": steps, "warmup_steps": 4,
+            "micro_batch_size": micro_batch_size, **extra}
 
 
 # the recipe's datasets with integrations.passage_start as their type
@@ -111,6 +117,10 @@ VARIANTS: dict[str, dict] = {
                                                           **MLP_ONLY, **PASSAGE_START),
     "r16-lr2e-3-100steps-mb3-mlp-only-passage-start": lora(16, 0.002, 100, micro_batch_size=3,
                                                            **MLP_ONLY, **PASSAGE_START),
+    # the recipe since the GPU sweep (bench/demo_sweep.py): rank 128 on the MLPs, one
+    # 1024-token bin a step
+    "r128-mlp-only-lr7e-4-120x1024": lora(128, 0.0007, 120, micro_batch_size=1, warmup_steps=6,
+                                          sequence_len=1024, **MLP_ONLY),
 }
 
 

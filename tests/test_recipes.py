@@ -75,6 +75,34 @@ def test_recipe_passes_axolotl_validation_offline(recipe, model_config_dirs, pre
     assert validated.output_dir == f"./outputs/{recipe.stem}"
 
 
+def test_every_demo_calibration_and_sweep_variant_passes_axolotl_validation(model_config_dirs,
+                                                                          prepared_data):
+    """The demo's calibration variants (demo.calibrate) and GPU sweep variants
+    (bench.demo_sweep) are the demo recipe with overrides: each, rebuilt on the recipe as it is
+    now, still passes our guard and Axolotl's schema, with the adapter targets it names."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    from bench.demo_sweep import SWEEP
+    from core.runs import merge_config
+    from demo.calibrate import RECIPE, VARIANTS
+
+    base = load(RECIPE)
+    problems = []
+    for name, overrides in [*VARIANTS.items(), *SWEEP.items()]:
+        cfg = merge_config(base, overrides)
+        model_dir = str(model_config_dirs[cfg["base_model"]])
+        problems += [f"{name}: {p}" for p in check_recipe({**cfg, "base_model": model_dir})]
+        validated = validate_config(DictDefault(copy.deepcopy(cfg)),
+                                    capabilities=CPU_CAPABILITIES,
+                                    env_capabilities={"torch_version": "2.13.0"})
+        targets = set(validated.lora_target_modules or [])
+        assert bool(validated.lora_target_linear) == (not targets), name
+        assert targets in (set(), {"gate_proj", "up_proj", "down_proj"},
+                           {"q_proj", "k_proj", "v_proj", "o_proj"}), name
+    assert problems == []
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_header_and_groups(recipe):
     text = recipe.read_text()
