@@ -313,9 +313,12 @@ def run_export(args) -> dict:
             result = reference.compare(path, gguf_type)
             checks.append(result)
             tol = result["ppl_tolerance_pct"]
+            split = result["greedy_divergence"]
+            tie = (f" (then a near-tie: logit margins {split['reference_margin']:.4f} / "
+                   f"{split['llama_cpp_margin']:.4f})" if split and split["near_tie"] else "")
             print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
                   f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
-                  f"match, perplexity {result['ppl_llama_cpp']:.4f} vs "
+                  f"match{tie}, perplexity {result['ppl_llama_cpp']:.4f} vs "
                   f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
                   + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
                   + ("ok" if result["passed"] else "FAILED"), flush=True)

@@ -4,16 +4,18 @@ Three checks on the same token ids, so a difference is the runtime and the weigh
 never the tokenizer:
   tokenizer   llama.cpp's own tokenisation of the prompt and of the passage equals the Hugging
               Face tokenizer's (what Ollama / LM Studio feed the model is what it was trained on)
-  greedy      the first N greedy tokens after the prompt are identical
+  greedy      the first N greedy tokens after the prompt are identical, up to a near-tie: where
+              the two first differ, both runtimes' logits for the two tokens are within
+              NEAR_TIE_LOGITS of each other (rounding decides a tie; what follows is then a
+              different text, so it is not compared)
   perplexity  corpus perplexity of a passage (every token after the first, scored with the full
               context before it) differs by at most a stated tolerance
 
 The reference is the merged model in float32 (bfloat16 where float32 would not fit in memory,
 e.g. a 7B model on a small machine). Tolerances (relative perplexity difference to it) per type:
 f16 0.5 %, q8_0 2 %, q5_k_m 5 %, q4_k_m 10 % (a sanity bound: 4-bit costs a few per cent),
-doubled against a bfloat16 reference. Greedy tokens must match exactly for f16 against a float32
-reference; otherwise the count of matching leading tokens is reported, not asserted (rounding
-can flip a near-tie).
+doubled against a bfloat16 reference. Greedy tokens must match (up to a near-tie) for f16 against
+a float32 reference; otherwise the count of matching leading tokens is reported, not asserted.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ PPL_TOLERANCE_PCT = {"f16": 0.5, "bf16": 0.5, "f32": 0.1, "q8_0": 2.0, "q5_k_m":
 GREEDY_MUST_MATCH = {"f16", "bf16", "f32"}
 DEFAULT_PROMPT = "I'm afraid I've created a"
 DEFAULT_GREEDY_TOKENS = 16
+# Two candidate tokens closer than this (in logits, on both runtimes) are a tie that f16 rounding
+# may decide either way: a 6-step demo adapter's first token had margins of 0.0004 (transformers)
+# and 0.0022 (llama.cpp), while its logits agreed to ~0.01 overall.
+NEAR_TIE_LOGITS = 0.05
 
 
 def hf_token_ids(tokenizer, text: str, with_prefix: int | None) -> list[int]:
@@ -65,7 +71,8 @@ def hf_nll(model, ids: list[int]) -> list[float]:
     return nll_from_logits(logits, ids)
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+def hf_greedy(model, ids: list[int], n: int):
+    """(the first n greedy tokens, the raw logits each was chosen from: n x vocab)."""
     import torch
 
     with torch.no_grad():
@@ -73,8 +80,10 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long,
                                                        device=model.device),
                              max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, num_beams=1, pad_token_id=model.config.eos_token_id)
-    return out[0, len(ids):].tolist()
+                             do_sample=False, num_beams=1, pad_token_id=model.config.eos_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+    logits = torch.cat([step.float() for step in out.logits]).cpu().numpy()
+    return out.sequences[0, len(ids):].tolist(), logits
 
 
 def load_llama(gguf: Path, n_ctx: int):
@@ -92,17 +101,21 @@ def llama_nll(llm, ids: list[int]) -> list[float]:
     return nll_from_logits(llm.scores[: len(ids)], ids)
 
 
-def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+def llama_greedy(llm, ids: list[int], n: int):
+    """(the first n greedy tokens, the logits each was chosen from: n x vocab)."""
     import numpy as np
 
     llm.reset()
     llm.eval(ids)
     out: list[int] = []
+    logits = []
     for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        token = int(np.argmax(row))
         out.append(token)
+        logits.append(row)
         llm.eval([token])
-    return out
+    return out, np.stack(logits)
 
 
 def leading_matches(a: list[int], b: list[int]) -> int:
@@ -112,6 +125,22 @@ def leading_matches(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def greedy_divergence(reference: list[int], reference_logits, tokens: list[int],
+                      logits) -> dict | None:
+    """Where two greedy runs first differ (None if they never do): the step and, on each side,
+    how far ahead its own choice was of the other's. Before that step the contexts are the same,
+    so the logits compare like for like."""
+    step = leading_matches(tokens, reference)
+    if step >= min(len(tokens), len(reference)):
+        return None
+    ours, theirs = tokens[step], reference[step]
+    ref_margin = float(reference_logits[step][theirs] - reference_logits[step][ours])
+    llama_margin = float(logits[step][ours] - logits[step][theirs])
+    return {"step": step, "reference_margin": round(ref_margin, 4),
+            "llama_cpp_margin": round(llama_margin, 4),
+            "near_tie": max(ref_margin, llama_margin) <= NEAR_TIE_LOGITS}
 
 
 def corpus_ppl(nll: list[float]) -> float:
@@ -149,7 +178,7 @@ class Reference:
         self.prefix = context_prefix_id(self.tokenizer)
         self.prompt_ids = hf_token_ids(self.tokenizer, prompt, self.prefix)
         self.passage_ids = hf_token_ids(self.tokenizer, passage, self.prefix)
-        self.greedy = hf_greedy(model, self.prompt_ids, greedy_tokens)
+        self.greedy, self.greedy_logits = hf_greedy(model, self.prompt_ids, greedy_tokens)
         self.ppl = corpus_ppl(hf_nll(model, self.passage_ids))
         del model
 
@@ -159,7 +188,7 @@ class Reference:
         try:
             llama_prompt = llama_token_ids(llm, self.prompt, self.prefix)
             llama_passage = llama_token_ids(llm, self.passage, self.prefix)
-            greedy = llama_greedy(llm, self.prompt_ids, self.greedy_tokens)
+            greedy, greedy_logits = llama_greedy(llm, self.prompt_ids, self.greedy_tokens)
             ppl = corpus_ppl(llama_nll(llm, self.passage_ids))
             text = llm.detokenize(greedy).decode("utf-8", errors="replace")
         finally:
@@ -169,6 +198,7 @@ class Reference:
         if tolerance is not None and self.dtype != "float32":
             tolerance *= 2  # a bfloat16 reference is itself ~0.5 % off
         matches = leading_matches(greedy, self.greedy)
+        divergence = greedy_divergence(self.greedy, self.greedy_logits, greedy, greedy_logits)
         result = {
             "gguf": gguf.name,
             "type": gguf_type,
@@ -176,6 +206,7 @@ class Reference:
             and llama_passage == self.passage_ids,
             "greedy_tokens": self.greedy_tokens,
             "greedy_leading_matches": matches,
+            "greedy_divergence": divergence,
             "greedy_text_llama_cpp": text,
             "passage_tokens": len(self.passage_ids),
             "reference": f"transformers, {self.dtype} on {self.device}",
@@ -186,6 +217,6 @@ class Reference:
         }
         ok = result["tokenizer_matches"] and (tolerance is None or abs(diff_pct) <= tolerance)
         if gguf_type in GREEDY_MUST_MATCH and self.dtype == "float32":
-            ok = ok and matches == self.greedy_tokens
+            ok = ok and (divergence is None or divergence["near_tie"])
         result["passed"] = bool(ok)
         return result
