@@ -30,18 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core.runs import (
-    ADAPTER,
-    BASE,
-    CONTROL,
-    HELD_OUT,
-    PERPLEXITY_JSON,
-    Run,
-    newest_trainer_state,
-    write_recipe,
-)
-from demo.calibrate import MLP_ONLY, PASSAGE_START, RECIPE, REPO, lora
-from eval.pipeline import corpus_ppl
+from core.runs import PERPLEXITY_JSON, write_recipe
+from demo.calibrate import MLP_ONLY, PASSAGE_START, RECIPE, REPO, lora, run_result
 
 # the demo recipe before this sweep: r16 on every linear layer, lr 2e-3 cosine, 80 steps of
 # 3 x 512 packed tokens (the rows' recorded overrides are relative to it)
@@ -153,12 +143,10 @@ SWEEP: dict[str, dict] = {
     "r64-seq1024-passage-start": mlp_only(64, 0.001, **SEQ1024_MB1, **PASSAGE_START),
     "r256-lr5e-4-seq1024": mlp_only(256, 0.0005, **SEQ1024_MB1),
     # round 4: the best of round 3 across seeds, and their neighbours
-    "r64-seq1024-warmup6-seed1": mlp_only(64, 0.001, warmup_steps=6, seed=1, **SEQ1024_MB1),
-    "r64-seq1024-warmup6-seed2": mlp_only(64, 0.001, warmup_steps=6, seed=2, **SEQ1024_MB1),
-    "r64-seq1024-warmup6-seed3": mlp_only(64, 0.001, warmup_steps=6, seed=3, **SEQ1024_MB1),
-    "r128-lr7e-4-seq1024-seed1": mlp_only(128, 0.0007, seed=1, **SEQ1024_MB1),
-    "r128-lr7e-4-seq1024-seed2": mlp_only(128, 0.0007, seed=2, **SEQ1024_MB1),
-    "r128-lr7e-4-seq1024-seed3": mlp_only(128, 0.0007, seed=3, **SEQ1024_MB1),
+    **{f"r64-seq1024-warmup6-seed{seed}": mlp_only(64, 0.001, warmup_steps=6, seed=seed,
+                                                   **SEQ1024_MB1) for seed in (1, 2, 3)},
+    **{f"r128-lr7e-4-seq1024-seed{seed}": mlp_only(128, 0.0007, seed=seed, **SEQ1024_MB1)
+       for seed in (1, 2, 3)},
     "r256-lr5e-4-seq1024-seed1": mlp_only(256, 0.0005, seed=1, **SEQ1024_MB1),
     "r256-lr5e-4-seq1024-seed2": mlp_only(256, 0.0005, seed=2, **SEQ1024_MB1),
     "r64-lr7e-4-seq1024": mlp_only(64, 0.0007, **SEQ1024_MB1),
@@ -171,12 +159,9 @@ SWEEP: dict[str, dict] = {
     "r128-lr7e-4-seq1024-100steps": mlp_only(128, 0.0007, **{**SEQ1024_MB1, "max_steps": 100}),
     # round 5: the candidate (r128, 7e-4, 1024-token bins) with warmup 6 across seeds, and
     # its neighbours
-    "r128-lr7e-4-seq1024-warmup6-seed1": mlp_only(128, 0.0007, warmup_steps=6, seed=1,
-                                                  **SEQ1024_MB1),
-    "r128-lr7e-4-seq1024-warmup6-seed2": mlp_only(128, 0.0007, warmup_steps=6, seed=2,
-                                                  **SEQ1024_MB1),
-    "r128-lr7e-4-seq1024-warmup6-seed3": mlp_only(128, 0.0007, warmup_steps=6, seed=3,
-                                                  **SEQ1024_MB1),
+    **{f"r128-lr7e-4-seq1024-warmup6-seed{seed}": mlp_only(128, 0.0007, warmup_steps=6,
+                                                          seed=seed, **SEQ1024_MB1)
+       for seed in (1, 2, 3)},
     "r128-lr7e-4-seq1024-warmup8": mlp_only(128, 0.0007, warmup_steps=8, **SEQ1024_MB1),
     "r128-lr6e-4-seq1024": mlp_only(128, 0.0006, **SEQ1024_MB1),
     "r128-lr6e-4-seq1024-seed1": mlp_only(128, 0.0006, seed=1, **SEQ1024_MB1),
@@ -219,19 +204,10 @@ def run_one(name: str, out: Path, threads: int, max_steps: int | None = None,
                 return {"name": name, "error": f"{argv[2]} exited {proc.returncode}",
                         "log": str(run_dir / "run.log")}
     ppl = json.loads((run_dir / "eval" / PERPLEXITY_JSON).read_text())
-    held, control = corpus_ppl(ppl, HELD_OUT), corpus_ppl(ppl, CONTROL)
-    newest = newest_trainer_state(run_dir)
-    history = newest[1].get("log_history") or [] if newest else []
     return {
         "name": name,
         "overrides": SWEEP[name],
-        "held_out_change_pct": round(held["change_pct"], 2),
-        "held_out_ppl": [round(held[BASE], 2), round(held[ADAPTER], 2)],
-        "control_change_pct": round(control["change_pct"], 2),
-        "control_ppl": [round(control[BASE], 2), round(control[ADAPTER], 2)],
-        "train_loop_seconds": next((r["train_runtime"] for r in reversed(history)
-                                    if "train_runtime" in r), None),
-        "tokens_trained": Run.from_output_dir(run_dir).tokens_trained(),
+        **run_result(run_dir),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "device": ppl.get("device"),
         "dtype": ppl.get("dtype"),

@@ -156,30 +156,33 @@ def run_variant(name: str, threads: int | None = None, demo_args: tuple[str, ...
     return row
 
 
-def record(name: str, **extra) -> dict:
-    """One results row from outputs/calibration/NAME: perplexities from eval/perplexity.json,
-    the trainer's own runtime and token count from trainer_state.json, the whole-demo time
-    from demo_summary.json when the demo finished."""
-    run = REPO / OUT / name
+def run_result(run: Path) -> dict:
+    """What a finished, evaluated run scored: held-out and control corpus-perplexity change
+    (RUN/eval/perplexity.json), the trainer's own runtime and the tokens it trained."""
     ppl = json.loads((run / "eval" / PERPLEXITY_JSON).read_text())
     held, control = corpus_ppl(ppl, HELD_OUT), corpus_ppl(ppl, CONTROL)
     newest = newest_trainer_state(run)
     history = newest[1].get("log_history") or [] if newest else []
-    summary_file = run / "demo_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    row = {
-        "name": name,
-        "overrides": VARIANTS[name],
+    return {
         "held_out_change_pct": round(held["change_pct"], 2),
         "held_out_ppl": [round(held[BASE], 2), round(held[ADAPTER], 2)],
         "control_change_pct": round(control["change_pct"], 2),
         "control_ppl": [round(control[BASE], 2), round(control[ADAPTER], 2)],
         "train_loop_seconds": next((r["train_runtime"] for r in reversed(history)
                                     if "train_runtime" in r), None),
-        "train_seconds": summary.get("train_seconds"),
         "tokens_trained": Run.from_output_dir(run).tokens_trained(),
-        "date": dt.date.today().isoformat(),
     }
+
+
+def record(name: str, **extra) -> dict:
+    """One results row from outputs/calibration/NAME: perplexities from eval/perplexity.json,
+    the trainer's own runtime and token count from trainer_state.json, the whole-demo time
+    from demo_summary.json when the demo finished."""
+    run = REPO / OUT / name
+    summary_file = run / "demo_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    row = {"name": name, "overrides": VARIANTS[name], **run_result(run),
+           "train_seconds": summary.get("train_seconds"), "date": dt.date.today().isoformat()}
     demo_seconds = extra.pop("demo_seconds", None)
     row["demo_seconds"] = round(demo_seconds, 1) if demo_seconds else summary.get("demo_seconds")
     if "load" in extra:
