@@ -6,12 +6,13 @@ Usage:
 
 A calibration run of the demo recipe (`python -m demo.calibrate NAME`) takes about 20 minutes
 on a 2-core CPU; on one GPU dozens of variants fit in a few minutes. Each variant here is
-recipes/smollm2-demo-cpu.yml with a few keys overridden: `axolotl train` on it (fp32, the
-recipe's own settings, one process per variant, up to --parallel at a time), then the demo's
-own evaluation (`python -m eval RUN`) scored in fp32, as on the CPU, so the perplexities are
-comparable with the CPU calibration rows. GPU kernels still take a slightly different training
-path than the CPU's, so the sweep ranks settings and measures seed-to-seed spread; a setting
-worth taking is then confirmed by `make demo` on a CPU (docs/demo.md).
+recipes/smollm2-demo-cpu.yml with a few keys overridden: `axolotl train` on it (in fp32, or
+under bf16 autocast where the variant sets `bf16_autocast: true`; one process per variant, up
+to --parallel at a time), then the demo's own evaluation (`python -m eval RUN`) scored in fp32,
+as on the CPU, so the perplexities are comparable with the CPU calibration rows. GPU kernels
+still take a slightly different training path than the CPU's, so the sweep ranks settings and
+measures seed-to-seed spread; a setting worth taking is then confirmed by `make demo` on a CPU
+(docs/demo.md).
 
 Variants run in the order listed (the budget stops starting new ones after --budget-s); one
 JSON line per finished variant goes to OUT/sweep.jsonl: overrides, held-out and control
@@ -176,6 +177,16 @@ SWEEP: dict[str, dict] = {
     "r128-lr7e-4-seq1024-warmup6-seed4": mlp_only(128, 0.0007, warmup_steps=6, seed=4,
                                                   **SEQ1024_MB1),
     "r128-lr7e-4-seq1024-seed4": mlp_only(128, 0.0007, seed=4, **SEQ1024_MB1),
+    # round 6: the recipe under bf16 autocast (fp32 weights, bf16 matrix products: what a CPU
+    # with bf16 instructions now trains with) across seeds, against the fp32 rows above
+    **{f"bf16-autocast-seed{seed}": mlp_only(128, 0.0007, warmup_steps=6, seed=seed,
+                                             bf16_autocast=True, **SEQ1024_MB1)
+       for seed in (42, 1, 2, 3, 4, 5, 6, 7)},
+    **{f"fp32-seed{seed}": mlp_only(128, 0.0007, warmup_steps=6, seed=seed, **SEQ1024_MB1)
+       for seed in (5, 6, 7)},
+    **{f"bf16-autocast-110steps-seed{seed}": mlp_only(
+        128, 0.0007, warmup_steps=6, seed=seed, bf16_autocast=True,
+        **{**SEQ1024_MB1, "max_steps": 110}) for seed in (42, 1, 2)},
 }
 
 
@@ -230,6 +241,10 @@ def score(run_dir: Path, max_rows: int | None = None) -> int:
                           *(["--max-rows", str(max_rows)] if max_rows else [])])
 
 
+def seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| variant | held-out change | control change | train loop s | tokens |",
              "|---|---|---|---|---|"]
@@ -238,7 +253,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['name']} | {r['error']} | | | |")
             continue
         lines.append(f"| {r['name']} | {r['held_out_change_pct']:+.2f} % | "
-                     f"{r['control_change_pct']:+.2f} % | {r['train_loop_seconds'] or 0:.0f} | "
+                     f"{r['control_change_pct']:+.2f} % | {seconds(r['train_loop_seconds'])} | "
                      f"{r['tokens_trained']:,} |")
     return "\n".join(lines)
 

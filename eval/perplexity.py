@@ -55,6 +55,7 @@ from eval.common import (
     fmt,
     library_versions,
     load_for_eval,
+    merged_adapter_context,
     model_device,
     model_line,
     read_texts,
@@ -384,7 +385,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     else:
         if args.compare:
             passes.append(("base", base_model_context))
-        passes.append(("adapter", None))
+        passes.append(("adapter", merged_adapter_context))
     metrics, throughput = {}, {}
     import torch
 

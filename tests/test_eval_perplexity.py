@@ -236,3 +236,24 @@ def test_cli_subprocess_fails_fast_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: model directory") and "missing-model" in lines[0]
     assert not out.exists()
+
+
+def test_adapter_pass_scores_merged_weights_like_the_unmerged_adapter_and_restores_the_base():
+    """The adapter pass folds LoRA into the base layers (faster); its token NLLs equal the
+    unmerged adapter's up to float rounding, and afterwards every weight is the same bits."""
+    import torch
+
+    from eval.common import load_model, merged_adapter_context
+
+    model = load_model(str(tiny_model_dir()), adapter_dir("nonzero"))
+    ids = list(range(5, 45))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    unmerged = hand_token_nll(model, ids)
+    with merged_adapter_context(model):
+        assert any(getattr(m, "merged", False) for m in model.modules())
+        merged = hand_token_nll(model, ids)
+    assert merged != unmerged  # the merge really changed the arithmetic
+    assert merged == pytest.approx(unmerged, rel=1e-4, abs=1e-5)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert hand_token_nll(model, ids) == unmerged
