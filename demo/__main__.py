@@ -100,6 +100,23 @@ def train(recipe: Path) -> float:
     return time.perf_counter() - start
 
 
+def training_precision(run: Run) -> str | None:
+    """How the newest checkpoint was trained, from the Trainer's own saved arguments: bf16 over
+    fp32 weights is the recipe's bf16_autocast plugin at work (a CPU with bf16 instructions)."""
+    newest = run.newest_trainer_state()
+    args_file = newest[0].parent / "training_args.bin" if newest else None
+    if args_file is None or not args_file.is_file():
+        return None
+    import torch
+
+    try:  # a pickle the run itself wrote
+        args = torch.load(args_file, weights_only=False)
+    except Exception:  # noqa: BLE001 - an unreadable file only drops this summary line
+        return None
+    return ("bf16 autocast (fp32 weights)" if getattr(args, "bf16", False) else
+            "fp16" if getattr(args, "fp16", False) else "fp32")
+
+
 def summarise(run: Run, recipe: Path, evaluation: dict, train_seconds: float,
               demo_seconds: float) -> dict:
     summary = {
@@ -111,6 +128,7 @@ def summarise(run: Run, recipe: Path, evaluation: dict, train_seconds: float,
         "eval_seconds": evaluation["seconds"],
         "demo_seconds": round(demo_seconds, 1),
         "tokens_trained": run.tokens_trained(),
+        "training_precision": training_precision(run),
         "report": str(run.report_md),
         "tensorboard": str(run.tensorboard_dir) if run.tensorboard_dir.is_dir() else None,
         "generations": str(run.generations_json) if run.generations_json.is_file() else None,
@@ -129,6 +147,8 @@ def print_summary(summary: dict) -> None:
           f"({control['change_pct']:+.1f}%)")
     print(f"training time:                    {summary['train_seconds'] / 60:.1f} min "
           "(axolotl train, wall clock)")
+    if summary.get("training_precision"):
+        print(f"training precision:               {summary['training_precision']}")
     print(f"tokens trained:                   {tokens:,}" if tokens else
           "tokens trained:                   n/a")
     print(f"whole demo:                       {summary['demo_seconds'] / 60:.1f} min "

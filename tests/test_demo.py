@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -29,6 +30,17 @@ def test_shortened_demo_trains_improves_and_reports(short_demo_log):
     assert held["adapter"] < held["base"], held
     assert summary["control_corpus_ppl"]["base"] > 1
     assert summary["tokens_trained"] > 1000
+
+    # the recipe's bf16_autocast plugin printed its decision for this machine, and the Trainer
+    # ran with it (its saved arguments), as the summary says
+    from integrations.bf16_autocast.plugin import decide_here
+
+    decision = decide_here(recipe)
+    assert decision.line() in text
+    args = torch.load(out / "checkpoint-6" / "training_args.bin", weights_only=False)
+    assert args.bf16 == decision.autocast
+    assert summary["training_precision"] == ("bf16 autocast (fp32 weights)" if decision.autocast
+                                             else "fp32")
 
     # report files, and the summary printed last
     for name in ("report.md", "report/loss.png", "report/perplexity.png",
