@@ -121,8 +121,8 @@ VARIANTS: dict[str, dict] = {
     # 1024-token bin a step
     "r128-mlp-only-lr7e-4-120x1024": lora(128, 0.0007, 120, micro_batch_size=1, warmup_steps=6,
                                           sequence_len=1024, **MLP_ONLY),
-    # the same under bf16 autocast (integrations/bf16_autocast), ~1.5x faster steps on a CPU
-    # with bf16 instructions
+    # the same under bf16 autocast (integrations/bf16_autocast), faster steps on a CPU with bf16
+    # instructions
     "r128-mlp-only-lr7e-4-120x1024-bf16-autocast": lora(
         128, 0.0007, 120, micro_batch_size=1, warmup_steps=6, sequence_len=1024, **MLP_ONLY,
         bf16_autocast=True),
