@@ -102,13 +102,26 @@ def test_axolotl_trains_the_tiny_recipe_under_bf16_autocast(tiny_trained, tmp_pa
     assert dtypes == {torch.float32}
 
 
-def test_forcing_autocast_on_a_bf16_recipe_stops_in_one_line(tiny_model, tmp_path):
+@pytest.mark.parametrize(("plugins", "overrides", "says"), [
+    # the plugin alone: its own conflict check
+    (PLUGINS[1:], {"bf16_autocast": True, "bf16": True}, [NAME, "remove one"]),
+    # as the recipes list it, behind the guard: on a CPU the guard's GPU check speaks first and
+    # points at the plugin
+    (PLUGINS, {"bf16_autocast": True, "bf16": True},
+     ["needs an NVIDIA GPU (bf16)", "set `bf16: false`", "Bf16AutocastPlugin"]),
+    (PLUGINS, {"bf16_autocast": "maybe"},
+     ["`bf16_autocast`: Input should be 'auto', True or False (got 'maybe')"]),
+])
+def test_bad_settings_stop_axolotl_train_in_one_line(plugins, overrides, says, tiny_model,
+                                                     tmp_path):
+    if torch.cuda.is_available() and "bf16" in overrides:
+        pytest.skip("this machine has CUDA")
     recipe = write_recipe(REPO / "recipes" / "tiny-mistral-cpu.yml", tmp_path / "r.yml",
-                          plugins=PLUGINS[1:], bf16_autocast=True, bf16=True,
-                          output_dir=str(tmp_path / "out"))
+                          plugins=plugins, output_dir=str(tmp_path / "out"), **overrides)
     proc = subprocess.run([str(VENV_BIN / "axolotl"), "train", str(recipe)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and NAME in errors[0] and "remove one" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert all(part in errors[0] for part in says), errors[0]
     assert "site-packages/axolotl" not in proc.stderr

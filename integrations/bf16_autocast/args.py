@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 class Bf16AutocastArgs(BaseModel):
     """Recipe key of the bf16-autocast plugin."""
 
-    bf16_autocast: Literal["auto"] | bool = Field(
+    bf16_autocast: Literal["auto", True, False] = Field(
         default="auto",
         json_schema_extra={"description": (
             "Train an fp32 recipe under bf16 autocast (weights, gradients and optimizer stay "

@@ -248,10 +248,12 @@ def check_cuda(cfg: dict, source: str) -> list[str]:
         if problem:
             return [f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) and CUDA cannot start: "
                     f"{problem}"]
-        return [
-            f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) but CUDA is not available here; "
-            "on a CPU run `make demo` or `axolotl train recipes/tiny-mistral-cpu.yml`"
-        ]
+        fix = ("on a CPU run `make demo` or `axolotl train recipes/tiny-mistral-cpu.yml`"
+               if needs != ["bf16"] else
+               "for bf16 on a CPU set `bf16: false` and list the plugin "
+               "integrations.bf16_autocast.Bf16AutocastPlugin (bf16 autocast over fp32 weights)")
+        return [f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) but CUDA is not available "
+                f"here; {fix}"]
     return []
 
 
