@@ -45,6 +45,12 @@ class UserError(SystemExit):
         return str(self.args[0]) if self.args else ""
 
 
+def stop_on(problems: list[str]) -> None:
+    """Stop with every problem found (one line each), if there is any."""
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """The first line of an exception's message (its type's name when it has none), cut to
     `limit` characters: how another library's error is quoted inside one of our lines."""

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import UserError, reported
+from core.errors import reported, stop_on
 
 try:  # the plugin base class only exists where axolotl is installed
     from axolotl.integrations.base import BasePlugin
@@ -70,10 +70,10 @@ def settings_problems(cfg) -> list[str]:
     """One line per contradiction in the recipe, with the fix."""
     value = setting(cfg)
     if value not in ("auto", True, False):
-        return [f"{OPTION}: {value!r} is not one of auto, true, false"]
+        return [f"{NAME}: {OPTION}: {value!r} is not one of auto, true, false"]
     half = recipe_precision(cfg)
     if value is True and half:
-        return [f"{OPTION}: true trains an fp32 recipe under bf16 autocast, but the recipe sets "
+        return [f"{NAME}: {OPTION}: true trains an fp32 recipe under bf16 autocast, but the recipe sets "
                 f"`{half}: {str(cfg.get(half)).lower()}`: remove one of the two"]
     return []
 
@@ -136,9 +136,7 @@ class Bf16AutocastPlugin(BasePlugin):
 
     def register(self, cfg):
         with reported():
-            problems = settings_problems(dict(cfg))
-            if problems:
-                raise UserError("\n".join(f"{NAME}: {p}" for p in problems))
+            stop_on(settings_problems(dict(cfg)))
 
     def get_training_args(self, cfg):
         decision = decide_here(cfg)

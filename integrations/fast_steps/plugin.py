@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 
-from core.errors import UserError, reported
+from core.errors import UserError, reported, stop_on
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
 from integrations.options import enabled as option
@@ -129,9 +129,7 @@ class FastStepsPlugin(BasePlugin):
 
     def register(self, cfg):
         with reported():
-            problems = settings_problems(dict(cfg))
-            if problems:
-                raise UserError("\n".join(problems))
+            stop_on(settings_problems(dict(cfg)))
 
     def post_model_load(self, cfg, model):
         import torch

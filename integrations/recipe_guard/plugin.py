@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from core.errors import UserError, reported
+from core.errors import reported, stop_on
 from integrations.recipe_guard.args import option
 from integrations.recipe_guard.callbacks import FiniteLossCallback
 from integrations.recipe_guard.checks import check_recipe
@@ -48,9 +48,7 @@ class RecipeGuardPlugin(BasePlugin):
 
     def register(self, cfg):
         with reported():
-            problems = check_recipe(dict(cfg), runtime=not running_preprocess())
-            if problems:
-                raise UserError("\n".join(problems))
+            stop_on(check_recipe(dict(cfg), runtime=not running_preprocess()))
             check_patch_targets(cfg)
 
     def pre_lora_load(self, cfg, model):
