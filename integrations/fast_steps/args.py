@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from integrations.options import switch
 
@@ -20,3 +22,12 @@ class FastStepsArgs(BaseModel):
         "Move everything loaded before training out of Python's garbage collector's scans "
         "(gc.freeze) so its collections, and Axolotl's gc.collect() at every epoch start, stay "
         "short")
+    fast_steps_compile: bool = Field(
+        default=False, json_schema_extra={"description": (
+            "torch.compile each decoder layer's training forward (one compilation shared by "
+            "all layers; attention, evaluation and generation stay eager): needs Axolotl's "
+            "LoRA kernels off (lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel: false)")})
+    fast_steps_compile_mode: Literal["default", "max-autotune-no-cudagraphs",
+                                     "reduce-overhead"] = Field(
+        default="default", json_schema_extra={"description": (
+            "torch.compile mode for fast_steps_compile (reduce-overhead adds CUDA graphs)")})

@@ -8,7 +8,8 @@ not by the GPU. Three parts, each an option in args.py (all on by default):
 - packed layout: Axolotl's varlen attention reads the packing layout once per micro-batch
   instead of in every layer (packed_layout.py);
 - bf16 LoRA: LoRA weights in bf16 with fp32 masters in a fused AdamW (master_weights.py);
-- gc freeze: what was loaded before training is left out of the garbage collector's scans.
+- gc freeze: what was loaded before training is left out of the garbage collector's scans;
+- compile (off by default): each decoder layer's training forward compiled (compiled_layers.py).
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
 wrapper; the recipe settings it needs) and stops with one line otherwise (one `error:` line and
@@ -18,9 +19,13 @@ exit status 2, core/errors.py).
 from __future__ import annotations
 
 import gc
+import json
 import logging
+from pathlib import Path
 
 from core.errors import UserError, reported, stop_on
+from core.files import write_json
+from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
 from integrations.options import enabled as option
@@ -37,6 +42,8 @@ NAME = "integrations.fast_steps.FastStepsPlugin"
 # (axolotl/monkeypatch/attention/sdpa_varlen.py in 0.19.0)
 AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
+COMPILE_REPORT = "fast_steps_compile.json"
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 
 def training(cfg) -> bool:
@@ -64,6 +71,16 @@ def settings_problems(cfg) -> list[str]:
         if cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"):
             problems.append(f"{NAME}: fast_steps_bf16_lora does not support FSDP/DeepSpeed: "
                             "set `fast_steps_bf16_lora: false`")
+    if cfg.get("fast_steps_compile"):
+        on = [k for k in LORA_KERNEL_KEYS if cfg.get(k) is not False]
+        if on:  # Axolotl turns an absent kernel key on for LoRA recipes
+            problems.append(
+                f"{NAME}: fast_steps_compile needs {', '.join(f'`{k}: false`' for k in on)} "
+                "(Axolotl's LoRA kernels call bitsandbytes through ctypes, which torch.compile "
+                "cannot trace)")
+        if cfg.get("torch_compile"):
+            problems.append(f"{NAME}: fast_steps_compile compiles the decoder layers itself: "
+                            "remove `torch_compile: true` (or set `fast_steps_compile: false`)")
     return problems
 
 
@@ -119,10 +136,36 @@ class RequireMasterWeightOptimizer(TrainerCallback):
                     "AdamW that fast_steps_bf16_lora needs; set `fast_steps_bf16_lora: false`")
 
 
+class ReportCompiledLayers(TrainerCallback):
+    """After the first optimizer step (the one that compiled) and at the end of training, what
+    dynamo made of the layers, in `<output_dir>/fast_steps_compile.json`; a graph break or a
+    recompile is also logged as a warning (it costs speed, not correctness)."""
+
+    def __init__(self, compiled: CompiledLayers):
+        self.compiled = compiled
+
+    def _report(self, args, when: str):
+        report = {"when": when, "mode": self.compiled.mode, "layers": self.compiled.layers,
+                  "compiled_calls": self.compiled.compiled_calls,
+                  "eager_calls": self.compiled.eager_calls, **compile_report()}
+        if args.process_index == 0:
+            write_json(Path(args.output_dir) / COMPILE_REPORT, report)
+        level = logging.WARNING if report["graph_breaks"] or report["recompiles"] else logging.INFO
+        LOG.log(level, "fast_steps compile: %s", json.dumps(report))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self._report(args, "step 1")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._report(args, f"end (step {state.global_step})")
+
+
 class FastStepsPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self.params, self.masters = [], []
+        self.compiled = None
 
     def get_input_args(self):
         return "integrations.fast_steps.FastStepsArgs"
@@ -148,6 +191,11 @@ class FastStepsPlugin(BasePlugin):
                      len(self.params))
 
     def post_trainer_create(self, cfg, trainer):
+        if self.compiled:
+            # last of all: after Axolotl's and Liger's patches and the packed attention
+            count = self.compiled.install(trainer.model)
+            LOG.info("fast_steps: %d decoder layers compiled (mode %s), attention eager",
+                     count, self.compiled.mode)
         if not self.params:
             return
         args = trainer.args
@@ -162,4 +210,7 @@ class FastStepsPlugin(BasePlugin):
         callbacks = [FreezeGarbageCollector()] if option(cfg, "fast_steps_gc_freeze") else []
         if self.params:
             callbacks.append(RequireMasterWeightOptimizer())
+        if cfg.get("fast_steps_compile"):  # installed in post_trainer_create, after the patches
+            self.compiled = CompiledLayers(cfg.get("fast_steps_compile_mode") or "default")
+            callbacks.append(ReportCompiledLayers(self.compiled))
         return callbacks
