@@ -28,6 +28,11 @@
 #   WORK_DIR=/tmp/bench-runs   PYTHON=python3
 #   INSTALL_WHEELS=0 / BUILD_ARGS="--tiny --device cpu"   (CPU smoke test of this script)
 #   SETUP_ONLY=1     stop after installing the wheels and building the model
+#   TIME_TO_ADAPTER="recipes/mistral-qlora.yml,recipes/mistral-qlora.yml+key=yaml+key=yaml"
+#                    before the variants: each recipe run as users run it (`axolotl train`,
+#                    evaluations and checkpoints as written; +key=yaml overrides), timed part by
+#                    part (bench/time_to_adapter.py) into $OUT/time_to_adapter.jsonl
+#   STARTUP_PROFILE=1  time the imports of each process `axolotl train` starts ($OUT/startup.txt)
 # Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
 #
 # Files left in $OUT: env.txt, build.log, throughput.jsonl (one summary line per variant),
@@ -72,7 +77,7 @@ mkdir -p "$OUT" || fail "cannot create OUT=$OUT"
 if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || die "pip install of .whl/*.whl failed"
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # axolotl, accelerate commands
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
@@ -104,6 +109,35 @@ PY
 [[ ${PIPESTATUS[0]} == 0 ]] || die "building the random Mistral-7B failed (see build.log)"
 echo "[run_device] setup done after $(( $(date +%s) - T0 )) s"
 [[ ${SETUP_ONLY:-0} == 1 ]] && exit 0
+
+# -- start-up and time to adapter ---------------------------------------------------------
+if [[ ${STARTUP_PROFILE:-0} == 1 ]]; then
+  for module in axolotl.cli.main accelerate.commands.launch axolotl.cli.train; do
+    start=$EPOCHREALTIME
+    "$PYTHON" -c "import $module" >/dev/null 2>&1
+    awk -v a="$start" -v b="$EPOCHREALTIME" -v m="$module" 'BEGIN { printf "import %s: %.2f s\n", m, b - a }'
+  done | tee "$OUT/startup.txt"
+  for module in axolotl.cli.main accelerate.commands.launch; do
+    "$PYTHON" -X importtime -c "import $module" 2>&1 | grep "import time" | sort -t'|' -k2 -n -r \
+      | head -25 >> "$OUT/startup.txt"
+  done
+fi
+if [[ -n ${TIME_TO_ADAPTER:-} ]]; then
+  IFS=',' read -r -a tta_runs <<< "$TIME_TO_ADAPTER"
+  for i in "${!tta_runs[@]}"; do
+    IFS='+' read -r -a words <<< "${tta_runs[$i]}"
+    sets=()
+    for kv in "${words[@]:1}"; do sets+=(--set "$kv"); done
+    label="$(basename "${words[0]}" .yml)-$i"
+    BENCH_PROFILE_LOAD=${PROFILE_LOAD:-0} timeout "${TTA_TIMEOUT_S:-300}" "$PYTHON" -m bench.time_to_adapter --model "$MODEL_DIR" \
+      --recipe "${words[0]}" --label "$label" "${sets[@]}" --work-dir "$WORK_DIR/tta" \
+      --results "$OUT/time_to_adapter.jsonl"
+    cp "$WORK_DIR/tta/$label/timeline.jsonl" "$OUT/tta-$label.timeline.jsonl" 2>/dev/null
+    cp "$WORK_DIR/tta/$label/timeline.load-profile.txt" "$OUT/tta-$label.load-profile.txt" \
+      2>/dev/null
+    tail -n 60 "$WORK_DIR/tta/$label/log.txt" > "$OUT/tta-$label.log-tail.txt" 2>/dev/null
+  done
+fi
 
 # -- the runs ----------------------------------------------------------------------------
 # LANES="a,b|c,d" runs each |-separated list of variants in parallel, lane i on GPU i (single-GPU

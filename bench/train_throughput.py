@@ -34,6 +34,7 @@ axolotl's QLoRA turned into LoRA (the notebook keeps its 4-bit model: bitsandbyt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ PLUGIN = "bench.axolotl_plugin.ThroughputPlugin"
 DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
 DEFAULT_RESULTS = Path("bench/results/throughput.jsonl")
 DEFAULT_ESTIMATE_S = (120.0, 150.0, 90.0)  # notebook, axolotl, eval runs (s)
+UNSLOTH_ESTIMATE_S = 180.0  # an Unsloth run before one has finished (it compiles its layers)
 KILL_GRACE_S = 10
 # Multicast NVLink can take a shared host's GPUs out of service: keep it off everywhere.
 SAFE_MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -251,6 +253,20 @@ def summarize(records: list[dict], warmup: int) -> dict:
     return out
 
 
+def reported_lines(log_path: Path) -> dict:
+    """What a run said about itself: Unsloth's `unsloth {...}` line, the fast_steps compile
+    report (the last one), as fields of its summary."""
+    found = {}
+    if not log_path.is_file():
+        return found
+    for line in log_path.read_text(errors="replace").splitlines():
+        for marker, key in (("unsloth {", "unsloth"), ("fast_steps compile: {", "compile")):
+            if marker in line:
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                    found[key] = json.loads(line[line.index(marker) + len(marker) - 1:])
+    return found
+
+
 def process_status(returncode: int | None, timed_out: bool) -> str | None:
     if timed_out:
         return "timeout"
@@ -332,11 +348,24 @@ def plan_variants(spec: str) -> list[str]:
     return names
 
 
+def warmup_and_steps(name: str, args) -> tuple[int, int]:
+    """A variant's own warm-up and measured steps (a peer with 64k-token steps runs fewer)."""
+    variant = VARIANTS[name]
+    return variant.get("warmup", args.warmup), variant.get("steps", args.steps)
+
+
 def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tuple[list, dict]:
     """(argv, extra result fields) of one variant's run; writes the axolotl config."""
     variant = VARIANTS[name]
     kind, extra = variant["kind"], variant.get("args", [])
-    max_steps = args.warmup + args.steps
+    max_steps = sum(warmup_and_steps(name, args))
+    if kind == "unsloth":
+        argv = [sys.executable, "-m", "bench.unsloth_peer", "--model", str(args.model),
+                "--steps", str(max_steps), "--train-jsonl", str(args.unsloth_train),
+                "--output-dir", str(run_dir / "out"), *extra]
+        return argv, {"args": extra}
+    if variant.get("recipe"):  # a peer's own config file instead of the recipe
+        recipe = load_recipe(REPO_ROOT / variant["recipe"])
     if kind == "notebook":
         argv = [sys.executable, "-m", "bench.notebook_baseline", "--model", str(args.model),
                 "--steps", str(max_steps), "--train-jsonl", str(args.notebook_train),
@@ -352,14 +381,15 @@ def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tup
         for data in args.eval_data:
             argv += ["--data", str(data)]
         return argv, {"args": extra, "adapter": str(adapter)}
-    cfg = axolotl_config(recipe, variant["overrides"], model_dir=args.model, run_dir=run_dir,
+    cfg = axolotl_config(recipe, variant.get("overrides", {}), model_dir=args.model, run_dir=run_dir,
                          prepared_dir=args.work_dir / "prepared",
                          max_steps=max_steps, cpu=args.cpu, sets=sets)
     config_path = write_recipe(cfg, run_dir / "config.yml")
     sharded = bool(cfg.get("fsdp_config") or cfg.get("deepspeed"))
     argv = [*launch_prefix(args.gpus, args.launcher, sharded), "axolotl.cli.train",
             str(config_path)]
-    return argv, {"recipe": str(args.recipe), "overrides": variant["overrides"], "sets": sets}
+    return argv, {"recipe": variant.get("recipe") or str(args.recipe),
+                  "overrides": variant.get("overrides", {}), "sets": sets}
 
 
 def summarize_eval(run_dir: Path) -> dict:
@@ -386,6 +416,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
     argv, fields = command_for(name, args, recipe, sets, run_dir)
     env = subprocess_env(name, steps_path, args.threads)
     gpus = args.gpus if kind == "axolotl" else 1
+    warmup, _ = warmup_and_steps(name, args)
     if gpus == 1 and args.gpus > 1:  # the notebook and eval are single-GPU programs
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     print(f"[bench] {name}: running ({kind}, {gpus} GPU, timeout {timeout_s:.0f} s)", flush=True)
@@ -400,7 +431,8 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
             "ok" if summary.get("eval_adapter_tokens_per_s") else "no throughput in perplexity.json")
     else:
         records = read_records(steps_path)
-        summary = summarize(records, args.warmup)
+        summary = summarize(records, warmup)
+        summary.update(reported_lines(log_path))
         status = status_of(summary, returncode, timed_out)
         first_step = min((r["unix_time"] for r in records if r.get("event") == "step"),
                          default=None)
@@ -439,6 +471,8 @@ def main(argv=None) -> int:
                         help="override a top-level key in every generated axolotl config")
     parser.add_argument("--notebook-train", type=Path,
                         default=Path("data/prepared/seed/train.jsonl"))
+    parser.add_argument("--unsloth-train", type=Path,
+                        default=Path("data/prepared/clean/train.jsonl"))
     parser.add_argument("--notebook-eval", default="data/prepared/clean/eval.jsonl",
                         help="rows for the notebook run's timed forward pass ('' to skip)")
     parser.add_argument("--eval-adapter", type=Path, default=None,
@@ -465,7 +499,8 @@ def main(argv=None) -> int:
         print(format_table(results))
         return 0
     # runs start in the repo root: make every path the user gave absolute first
-    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter"):
+    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter",
+                 "unsloth_train"):
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
     args.eval_data = [path.resolve() for path in args.eval_data]
@@ -492,15 +527,17 @@ def main(argv=None) -> int:
     else:
         deadline = started + args.budget_s if args.budget_s is not None else math.inf
     estimate = dict(zip(("notebook", "axolotl", "eval"), args.estimate_s, strict=True))
+    estimate["unsloth"] = UNSLOTH_ESTIMATE_S
     observed: dict[str, float] = {}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     combined_log = args.log or args.work_dir / "all-runs.log"
     results = []
     for name in names:
         kind = VARIANTS[name]["kind"]
+        warmup, steps = warmup_and_steps(name, args)
         base = {"variant": name, "kind": kind, "about": VARIANTS[name]["about"],
                 "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                "warmup_steps": args.warmup, "max_steps": args.warmup + args.steps}
+                "warmup_steps": warmup, "max_steps": warmup + steps}
         left = deadline - time.time()
         adapter = args.eval_adapter or args.work_dir / "recipe" / "out"
         if estimate[kind] > left:

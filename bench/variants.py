@@ -2,8 +2,9 @@
 
 Each entry is `kind` ("notebook": bench.notebook_baseline; "axolotl": the recipe through
 `python -m axolotl.cli.train`; "eval": `python -m eval.perplexity` on the adapter that the
-`recipe` run saved) plus `args` (extra command-line arguments) or `overrides` (merged into the
-recipe's YAML; a value of None deletes the key). The pseudo-key `liger` switches the Liger plugin and its four kernels on or
+`recipe` run saved; "unsloth": bench.unsloth_peer) plus `args` (extra command-line arguments)
+or `overrides` (merged into the recipe's YAML, or into `recipe`, a peer's own config file, when
+given; a value of None deletes the key), and optionally its own `warmup` and `steps`. The pseudo-key `liger` switches the Liger plugin and its four kernels on or
 off together; `fast_steps` adds or removes integrations.fast_steps. Pick with `python -m bench.train_throughput --variants a,b,c`; the order given
 is the order run (and the order a time budget cuts from the end).
 """
@@ -15,6 +16,8 @@ FAST_STEPS_PLUGIN = "integrations.fast_steps.FastStepsPlugin"
 LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy")
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+LIGER_IN_LAYERS = ("liger_rms_norm", "liger_glu_activation", "liger_rope")
+COMPILE = {"fast_steps_compile": True, **dict.fromkeys(LORA_KERNELS, False)}
 
 VARIANTS: dict[str, dict] = {
     # -- the original notebook's method ---------------------------------------------------
@@ -138,8 +141,39 @@ VARIANTS: dict[str, dict] = {
                               "lora_target_modules": ["q_proj", "v_proj"]},
                 "about": "LoRA on q_proj/v_proj only (the notebook's targets)"},
     # -- compiler -------------------------------------------------------------------------
-    "compile": {"kind": "axolotl", "overrides": {"torch_compile": True},
-                "about": "torch.compile (compile time lands in the warm-up steps)"},
+    "torch_compile": {"kind": "axolotl", "overrides": {"torch_compile": True},
+                      "about": "Axolotl's torch_compile: true (the whole model; compile time "
+                               "lands in the warm-up steps)"},
+    "compile": {"kind": "axolotl", "overrides": COMPILE,
+                "about": "fast_steps_compile: decoder layers compiled (Axolotl's LoRA kernels "
+                         "off, Liger on)"},
+    "compile_no_liger_layers": {"kind": "axolotl",
+                                "overrides": {**COMPILE, **dict.fromkeys(LIGER_IN_LAYERS, None)},
+                                "about": "fast_steps_compile with Liger's in-layer kernels off "
+                                         "(Inductor fuses norms, RoPE, SwiGLU; Liger's fused "
+                                         "cross-entropy kept)"},
+    "compile_cudagraphs": {"kind": "axolotl",
+                           "overrides": {**COMPILE, "fast_steps_compile_mode": "reduce-overhead"},
+                           "about": "fast_steps_compile with CUDA graphs (reduce-overhead)"},
+    # -- low memory: a card of 8 GB -------------------------------------------------------
+    "lowmem_ckpt": {"kind": "axolotl", "overrides": {"gradient_checkpointing": True},
+                    "about": "the recipe with gradient checkpointing (1 x 4096)"},
+    "lowmem_ckpt_compile": {"kind": "axolotl",
+                            "overrides": {**COMPILE, "gradient_checkpointing": True},
+                            "about": "gradient checkpointing + compiled decoder layers"},
+    "lowmem_offload": {"kind": "axolotl", "overrides": {"gradient_checkpointing": "offload"},
+                       "about": "checkpointed layer inputs offloaded to CPU memory"},
+    # -- peers a user could run instead ---------------------------------------------------
+    "axolotl_example": {"kind": "axolotl", "recipe": "bench/peers/axolotl-example-mistral-qlora.yml",
+                        "overrides": {}, "warmup": 1, "steps": 4,
+                        "about": "Axolotl's examples/mistral/qlora.yml as shipped (2 x 8192 "
+                                 "packed, 4 accumulated, grad ckpt, 8-bit AdamW; sdpa)"},
+    "unsloth": {"kind": "unsloth", "args": ["--gradient-checkpointing", "false"],
+                "about": "Unsloth FastLanguageModel 4-bit, LoRA r32 all 7, TRL SFT packing "
+                         "4096, no gradient checkpointing"},
+    "unsloth_ckpt": {"kind": "unsloth", "args": ["--gradient-checkpointing", "unsloth"],
+                     "about": "the same with Unsloth's default gradient checkpointing "
+                              "(\"unsloth\": offloaded)"},
 }
 
 # The notebook's method and the recipe, then each of the recipe's speed settings reverted one at a
