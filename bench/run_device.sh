@@ -32,6 +32,8 @@
 #                    before the variants: each recipe run as users run it (`axolotl train`,
 #                    evaluations and checkpoints as written; +key=yaml overrides), timed part by
 #                    part (bench/time_to_adapter.py) into $OUT/time_to_adapter.jsonl
+#   COMPILE_PYC=1    byte-compile the installed wheels first (as pip does without --no-compile)
+#   BENCH_PROFILE_STEP=N BENCH_PROFILE_VARIANTS=a,b  torch profile of step N of those variants
 #   STARTUP_PROFILE=1  time the imports of each process `axolotl train` starts ($OUT/startup.txt)
 # Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
 #
@@ -78,6 +80,8 @@ if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || die "pip install of .whl/*.whl failed"
   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # axolotl, accelerate commands
+  # as `pip install` does by default: start-up timings must not include byte-compiling
+  [[ ${COMPILE_PYC:-0} == 1 ]] && "$PYTHON" -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
@@ -135,7 +139,7 @@ if [[ -n ${TIME_TO_ADAPTER:-} ]]; then
     cp "$WORK_DIR/tta/$label/timeline.jsonl" "$OUT/tta-$label.timeline.jsonl" 2>/dev/null
     cp "$WORK_DIR/tta/$label/timeline.load-profile.txt" "$OUT/tta-$label.load-profile.txt" \
       2>/dev/null
-    tail -n 60 "$WORK_DIR/tta/$label/log.txt" > "$OUT/tta-$label.log-tail.txt" 2>/dev/null
+    cp "$WORK_DIR/tta/$label/log.txt" "$OUT/tta-$label.log.txt" 2>/dev/null
   done
 fi
 

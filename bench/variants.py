@@ -198,7 +198,9 @@ def expand_overrides(overrides: dict, recipe_plugins: list[str]) -> tuple[dict, 
     elif fast is False:
         plugins = [p for p in plugins if p != FAST_STEPS_PLUGIN]
         overrides.update({k: None for k in ("fast_steps_packed_layout", "fast_steps_bf16_lora",
-                                            "fast_steps_gc_freeze")})
+                                            "fast_steps_gc_freeze",
+                                            "fast_steps_dataset_save_in_process",
+                                            "fast_steps_compile", "fast_steps_compile_mode")})
     liger = overrides.pop("liger", None)
     if liger is True:
         if LIGER_PLUGIN not in plugins:

@@ -22,6 +22,9 @@ class FastStepsArgs(BaseModel):
         "Move everything loaded before training out of Python's garbage collector's scans "
         "(gc.freeze) so its collections, and Axolotl's gc.collect() at every epoch start, stay "
         "short")
+    fast_steps_dataset_save_in_process: bool = switch(
+        "Save the prepared datasets from the training process when datasets would start a "
+        "one-worker process pool for it (seconds per save at every first run of a recipe)")
     fast_steps_compile: bool = Field(
         default=False, json_schema_extra={"description": (
             "torch.compile each decoder layer's training forward (one compilation shared by "

@@ -9,6 +9,7 @@ not by the GPU. Three parts, each an option in args.py (all on by default):
   instead of in every layer (packed_layout.py);
 - bf16 LoRA: LoRA weights in bf16 with fp32 masters in a fused AdamW (master_weights.py);
 - gc freeze: what was loaded before training is left out of the garbage collector's scans;
+- dataset save in process: the prepared datasets saved without a one-worker process pool;
 - compile (off by default): each decoder layer's training forward compiled (compiled_layers.py).
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
@@ -26,6 +27,7 @@ from pathlib import Path
 from core.errors import UserError, reported, stop_on
 from core.files import write_json
 from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
+from integrations.fast_steps.dataset_save import save_in_process
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
 from integrations.options import enabled as option
@@ -173,6 +175,8 @@ class FastStepsPlugin(BasePlugin):
     def register(self, cfg):
         with reported():
             stop_on(settings_problems(dict(cfg)))
+        if option(cfg, "fast_steps_dataset_save_in_process"):  # before Axolotl loads the data
+            save_in_process()
 
     def post_model_load(self, cfg, model):
         import torch
