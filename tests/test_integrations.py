@@ -239,3 +239,43 @@ def test_packed_attention_on_cuda_matches_axolotls_varlen_path(axolotl_varlen_pa
         got = model(input_ids=ids, position_ids=pid).logits
     assert fast_steps.LAYOUTS.computed == before + 1
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_compile_needs_axolotls_lora_kernels_off_and_no_torch_compile():
+    """Axolotl turns its LoRA kernels on when the keys are absent; their ctypes dequantisation
+    cannot be traced, so fast_steps_compile asks for each key to be false, in one line."""
+    plugin = fast_steps.FastStepsPlugin()
+    with pytest.raises(UserError) as err:
+        plugin.register({**RECIPE_SETTINGS, "fast_steps_compile": True})
+    message = str(err.value)
+    assert "\n" not in message and all(
+        f"`{key}: false`" in message for key in fast_steps.LORA_KERNEL_KEYS)
+    kernels_off = dict.fromkeys(fast_steps.LORA_KERNEL_KEYS, False)
+    plugin.register({**RECIPE_SETTINGS, "fast_steps_compile": True, **kernels_off})
+    with pytest.raises(UserError, match="remove `torch_compile: true`"):
+        plugin.register({**RECIPE_SETTINGS, "fast_steps_compile": True, **kernels_off,
+                         "torch_compile": True})
+
+
+def test_dataset_save_with_one_worker_starts_no_process_pool(tmp_path, monkeypatch):
+    """datasets' save_to_disk(num_proc=1) starts a spawn pool (a fresh Python importing the
+    caller's __main__ again); with the plugin's wrapper the same files come from this process."""
+    import datasets
+    from datasets import arrow_dataset
+
+    from integrations.fast_steps.dataset_save import save_in_process
+
+    data = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 50, "labels": [[4]] * 50})
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool was started")
+
+    # datasets' own method (an earlier plugin register() in this process may have wrapped it)
+    original = getattr(datasets.Dataset.save_to_disk, "__wrapped__", datasets.Dataset.save_to_disk)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", original)
+    monkeypatch.setattr(arrow_dataset.mp, "get_context", no_pool)
+    with pytest.raises(AssertionError, match="process pool"):  # datasets as it is
+        data.save_to_disk(str(tmp_path / "plain"), num_proc=1)
+    assert save_in_process()
+    data.save_to_disk(str(tmp_path / "wrapped"), num_proc=1)
+    assert datasets.load_from_disk(str(tmp_path / "wrapped")).to_dict() == data.to_dict()

@@ -18,8 +18,7 @@ import sys
 
 import pytest
 import torch
-
-from tests.conftest import REPO
+from conftest import REPO
 
 from integrations.packed_eval.plugin import (
     IGNORE,
