@@ -17,7 +17,7 @@ LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy")
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 LIGER_IN_LAYERS = ("liger_rms_norm", "liger_glu_activation", "liger_rope")
-COMPILE = {"fast_steps_compile": True, **dict.fromkeys(LORA_KERNELS, False)}
+COMPILE = {"fast_steps": True, "fast_steps_compile": True, **dict.fromkeys(LORA_KERNELS, False)}
 
 VARIANTS: dict[str, dict] = {
     # -- the original notebook's method ---------------------------------------------------
@@ -163,7 +163,7 @@ VARIANTS: dict[str, dict] = {
                             "about": "gradient checkpointing + compiled decoder layers"},
     "lowmem_ckpt_8bit": {"kind": "axolotl",
                          "overrides": {"gradient_checkpointing": True,
-                                       "optimizer": "paged_adamw_8bit",
+                                       "optimizer": "paged_adamw_8bit", "fast_steps": True,
                                        "fast_steps_bf16_lora": False},
                          "about": "gradient checkpointing, bitsandbytes' paged 8-bit AdamW on "
                                   "fp32 LoRA weights (0.5 GiB less optimizer state)"},

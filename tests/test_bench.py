@@ -281,8 +281,10 @@ def test_every_axolotl_variant_passes_axolotl_validation(workspace, tmp_path, mo
         for name, variant in VARIANTS.items():
             if variant["kind"] != "axolotl":
                 continue
+            own = variant.get("recipe")  # a peer's own config file
+            base = yaml.safe_load((REPO / own).read_text()) if own else recipe
             cfg = train_throughput.axolotl_config(
-                recipe, variant["overrides"], model_dir=workspace["model"],
+                base, variant["overrides"], model_dir=workspace["model"],
                 run_dir=tmp_path / name, prepared_dir=tmp_path / "prepared", max_steps=13,
                 cpu=False, sets={})
             problems += [f"{recipe_path.name} {name}: {p}" for p in check_recipe(cfg)]
