@@ -4,7 +4,8 @@
       - integrations.fast_steps.FastStepsPlugin
 
 A QLoRA step of a 7B model on one fast GPU is bound by the Python that launches its kernels,
-not by the GPU. Three parts, each an option in args.py (all on by default):
+not by the GPU, and its start-up by what runs before the first step. Each part is an option
+in args.py (on by default unless said):
 - packed layout: Axolotl's varlen attention reads the packing layout once per micro-batch
   instead of in every layer (packed_layout.py);
 - bf16 LoRA: LoRA weights in bf16 with fp32 masters in a fused AdamW (master_weights.py);
