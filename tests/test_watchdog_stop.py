@@ -10,8 +10,8 @@ output_dir/stopped_early.json records the stop; `python -m eval`, `axolotl merge
 RECIPE_GUARD_ALLOW_STOPPED=1 for axolotl). Training the same output_dir again to the end removes
 the record.
 
-Costs about 30 s for the stopped training (a few steps; the session run's prepared dataset is
-reused), about 1.5 min with the commands after it, on 2 cores.
+Costs 45-55 s for the stopped training on 2 busy cores (3 steps; about 30 s of it is start-up;
+the session run's prepared dataset is reused), about 2.5 min with the commands after it.
 """
 
 from __future__ import annotations
