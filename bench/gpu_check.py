@@ -15,7 +15,9 @@ timed, with its peak GPU memory and its key figure:
                      a local directory; else mistralai/Mistral-7B-v0.1 when HF_TOKEN is set and
                      the hub grants access (downloaded once); else a random-init model of its
                      exact shape (python -m bench.build_random_mistral; compute and memory do not
-                     depend on the weight values). The summary says which.
+                     depend on the weight values). The summary says which. A given model that
+                     is not pretrained (every norm weight still 1.0, as transformers initialises
+                     them) is trained as the built one is: without the recipe's loss watchdog.
   train_interrupted  axolotl train RECIPE, stopped with SIGTERM (to its process group, like
                      Ctrl-C or a scheduler's kill) as soon as its first checkpoint is complete
   train_resumed      the same command again: it must resume from that checkpoint and finish
@@ -34,7 +36,9 @@ launcher is not installed as a command, e.g. packages installed with pip --targe
 
 Outputs: OUT/summary.json, OUT/summary.md, OUT/logs.txt (the end of every stage's log), and the
 run's perplexity.md and generations.md; OUT = --out, else OUT_ROOT/<date>-<gpu>/
-(OUT_ROOT = bench/results). Exit status 0 when every stage that ran is ok.
+(OUT_ROOT = bench/results). Exit status 0 when every stage that ran is ok. A stage that
+failed or ended early says why, from its log: the loss watchdog, the NaN/inf stop, out of GPU
+memory, a full disk, or killed by a signal.
 """
 
 from __future__ import annotations
@@ -256,6 +260,7 @@ class Check:
         self.done = {name: threading.Event() for name in STAGES}
         self.model_ref: str | None = None
         self.model_kind: str | None = None
+        self.model_untrained: str | None = None  # why a given model is taken for random-init
         self.recipe_cfg = load_recipe(REPO / args.recipe)
         self.overrides = parse_overrides(args.set)
         self.lane_a = self.gpus[0]["index"] if self.gpus else None
@@ -299,7 +304,7 @@ class Check:
         overrides = {**self.overrides, "base_model": self.model_ref,
                      "output_dir": str(self.work / name),
                      "dataset_prepared_path": str(self.work / f"prepared-{name}")}
-        if self.model_kind == "random-init":
+        if self.model_kind == "random-init" or self.model_untrained:
             # a random-init model's loss starts near ln(32000) = 10.4, above the watchdog
             # threshold the recipe sets for real weights, which would stop it after 3 steps
             overrides.update(loss_watchdog_threshold=None, loss_watchdog_patience=None)
@@ -354,7 +359,9 @@ class Check:
         if stage.status == "pending":
             stage.status = "ok" if stage.rc == 0 else "failed"
         if stage.status == "failed" and not stage.note:
-            stage.note = f"exit {stage.rc}: {last_error_line(Path(stage.log))}"
+            why = early_end_reason(Path(stage.log), stage.rc)
+            stage.note = (f"exit {stage.rc}" + (f", {why}" if why else "")
+                          + f": {last_error_line(Path(stage.log))}")
         return stage.rc
 
     def complete(self, name: str):
@@ -400,8 +407,14 @@ class Check:
             self.run(stage, [sys.executable, "-c", code, ref], None)
         else:
             stage.status, stage.wall_s, stage.start_s = "ok", 0.0, round(self.elapsed(), 1)
+            self.model_untrained = untrained_reason(Path(ref))
+            if self.model_untrained:
+                stage.note += (f"; not pretrained ({self.model_untrained}): trained without the "
+                               "recipe's loss watchdog, as a random-init model is")
         self.model_ref, self.model_kind = ref, kind
         stage.key = {"model": ref, "kind": kind}
+        if self.model_untrained:
+            stage.key["not_pretrained"] = self.model_untrained
         self.complete("model")
 
     def choose_model(self) -> tuple[str, str, str]:
@@ -459,7 +472,9 @@ class Check:
             else:  # stopped by our SIGTERM (-15, or accelerate's exit status for it)
                 stage.status, stage.note = "ok", ""
         elif stage.status == "ok":
-            stage.status, stage.note = "failed", "finished without writing any checkpoint"
+            why = early_end_reason(Path(stage.log), stage.rc)
+            stage.status, stage.note = "failed", "finished without writing any checkpoint" + (
+                f" ({why})" if why else "")
         self.complete("train_interrupted")
 
     def train_resumed(self, recipe: Path):
@@ -479,8 +494,9 @@ class Check:
                 problems.append(f"no 'resume from checkpoint at …/{checkpoint}' in its log")
             state = stage.key
             if state.get("global_step") != state.get("max_steps"):
+                why = early_end_reason(Path(stage.log), stage.rc)
                 problems.append(f"stopped at step {state.get('global_step')} of "
-                                f"{state.get('max_steps')}")
+                                f"{state.get('max_steps')}" + (f" ({why})" if why else ""))
             if state.get("steps_logged_twice"):
                 problems.append(f"steps logged twice: {state['steps_logged_twice']}")
             if not Run.from_recipe(recipe).has_adapter():
@@ -652,6 +668,66 @@ def last_error_line(log: Path) -> str:
         if re.match(r"^(\S+: )?error\b|^\w*(Error|Exception)\b", line):
             return line[:300]
     return lines[-1][:300] if lines else ""
+
+
+# Why a stage's process ended before its work was done, from its log (first match wins).
+EARLY_END_PATTERNS = (
+    (r"loss watchdog stopped training at step (\d+)|Loss is too high, stopping training",
+     "stopped by the loss watchdog"),
+    (r"\b(loss|grad_norm|eval_loss) became (nan|inf|-inf) at step (\d+)", "NaN/inf stop"),
+    (r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", "out of GPU memory"),
+    (r"No space left on device|Disk quota exceeded|File too large", "disk full"),
+)
+SIGNAL_EXITS = {-9: "SIGKILL", 137: "SIGKILL", -15: "SIGTERM", 143: "SIGTERM", -6: "SIGABRT",
+                134: "SIGABRT", -11: "SIGSEGV", 139: "SIGSEGV"}
+
+
+def early_end_reason(log: Path, rc: int | None) -> str:
+    """Why the stage's process ended early, in a few words ("" when its log does not say):
+    the loss watchdog (with the step), the NaN/inf stop, out of GPU memory, a full disk, or a
+    signal (SIGKILL: often the kernel's out-of-memory killer)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for pattern, what in EARLY_END_PATTERNS:
+        found = list(re.finditer(pattern, text))
+        if found:
+            step = next((g for g in reversed(found[-1].groups()) if g and g.isdigit()), None)
+            return what + (f" at step {step}" if step else "")
+    died = re.search(r"died with <Signals\.(SIG\w+)|\b(SIGKILL|SIGTERM)\b", text)
+    signal_name = SIGNAL_EXITS.get(rc) or (died and (died[1] or died[2]))
+    if signal_name or re.search(r"^Killed$", text, re.M):
+        name = signal_name or "SIGKILL"
+        return f"killed ({name}" + (", out of host memory?" if name == "SIGKILL" else "") + ")"
+    return ""
+
+
+def untrained_reason(model_dir: Path) -> str | None:
+    """Why a model directory looks like a random-init (not pretrained) model, or None: every
+    norm weight in its safetensors is exactly 1.0, as transformers initialises them and no
+    trained model keeps them. Reads only those small tensors, from the files' headers."""
+    import struct
+
+    ones = {"F32": struct.pack("<f", 1.0), "BF16": b"\x80\x3f", "F16": struct.pack("<e", 1.0)}
+    seen = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                size = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(size))
+                for name, info in header.items():
+                    if not name.endswith("norm.weight") or info.get("dtype") not in ones:
+                        continue
+                    start, end = info["data_offsets"]
+                    handle.seek(8 + size + start)
+                    one = ones[info["dtype"]]
+                    if handle.read(end - start) != one * ((end - start) // len(one)):
+                        return None
+                    seen += 1
+        except (OSError, ValueError, KeyError, struct.error):
+            return None
+    return f"all {seen} norm weights are 1.0, as initialised" if seen else None
 
 
 # --------------------------------------------------------------------------- figures

@@ -18,6 +18,14 @@ Checkpoints: `checkpoints`, `newest_complete_checkpoint` (the Trainer writes tra
 last: a checkpoint without a readable one was cut short), `newest_trainer_state` (the log of the
 furthest step; truncated files skipped). `write_recipe` writes a recipe with overrides (tests,
 the demo's shortened run, the benchmark's and gpu-check's generated recipes).
+
+A run that training stopped early (Axolotl's loss watchdog, the recipe guard's NaN/inf stop)
+holds output_dir/stopped_early.json: what crossed which threshold at which step, and what to
+try (written by integrations/recipe_guard, removed when a later training of the same output_dir
+finishes). `read_stop_record(output_dir)` / `run.stop_record()` read it; `refuse_stopped(
+output_dir, go_on)` is the one line with which the commands that use a run's adapter (`python
+-m eval`, `python -m export`, `axolotl merge-lora` through the recipe guard) stop, unless told
+to go on.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 CHECKPOINT_PREFIX = "checkpoint-"
+STOPPED_EARLY_JSON = "stopped_early.json"
 
 # -- data a recipe is trained and scored on when it names none --------------------------------
 DEFAULT_TRAIN_DATA = Path("data/prepared/clean/train.jsonl")
@@ -210,6 +219,9 @@ class Run:
             (self.output_dir / name).is_file() for name in ADAPTER_WEIGHTS)
 
     # -- its training state
+    def stop_record(self) -> dict | None:
+        return read_stop_record(self.output_dir)
+
     def newest_trainer_state(self) -> tuple[Path, dict] | None:
         return newest_trainer_state(self.output_dir)
 
@@ -291,3 +303,52 @@ def newest_trainer_state(output_dir: Path) -> tuple[Path, dict] | None:
         return None
     (path, _), state = max(states, key=_state_rank)
     return path, state
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that stopped early
+
+
+def write_stop_record(output_dir: Path, *, reason: str, step: int, max_steps: int | None,
+                      summary: str, fix: str) -> Path:
+    """output_dir/stopped_early.json (atomically): `reason` a key ("loss_watchdog",
+    "non_finite"), `summary` what crossed which threshold at which step, `fix` what to try
+    (ending in "and train again")."""
+    import datetime as dt
+
+    record = {"schema_version": 1, "stopped_early": True, "reason": reason, "step": step,
+              "max_steps": max_steps, "summary": summary, "fix": fix,
+              "time": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+    return write_file(Path(output_dir) / STOPPED_EARLY_JSON, json.dumps(record, indent=2) + "\n")
+
+
+def read_stop_record(output_dir: Path | None) -> dict | None:
+    """The stop record of a run directory, or None when it has none. A record that cannot be
+    read still says the run stopped (it is never taken for a finished run)."""
+    if output_dir is None:
+        return None
+    path = Path(output_dir) / STOPPED_EARLY_JSON
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not record.get("summary"):
+        return {"summary": f"its {STOPPED_EARLY_JSON} cannot be read"}
+    return record
+
+
+def clear_stop_record(output_dir: Path) -> None:
+    (Path(output_dir) / STOPPED_EARLY_JSON).unlink(missing_ok=True)
+
+
+def refuse_stopped(output_dir: Path | None, go_on: str) -> None:
+    """Stop (UserError) with one line when the run stopped early; `go_on` says how to use it
+    anyway ("pass --allow-stopped")."""
+    record = read_stop_record(output_dir)
+    if record is None:
+        return
+    raise UserError(f"{output_dir}: training stopped early ({record['summary']}); what it saved "
+                    f"is not a finished run, so train again ({STOPPED_EARLY_JSON} there says "
+                    f"what to try) or {go_on} to use it anyway")

@@ -9,11 +9,18 @@ Finding the CSV: `--csv PATH`; else data/raw/frankenstein_chunks.csv; else it is
 from the original repository into data/raw/. The sha256 is always checked (`--skip-checksum` for
 another CSV with the same layout).
 
-Reading it: pandas (every field a string, nothing turned into NaN), after the text is decoded
+Reading it: pandas (every field a string, nothing turned into NaN; only the `text` column is
+parsed, so extra fields are ignored as csv.DictReader ignores them), after the text is decoded
 as UTF-8 and normalised: a byte-order mark is dropped and Windows (CRLF) or old Mac (CR) line
-endings become LF, so the same book saved by another editor gives byte-identical outputs in
-both modes (its checksum is checked on the normalised text too). Errors name the file and, for
-a bad row, the line it ends on.
+endings become LF, inside fields too, so the same book saved by another editor gives
+byte-identical outputs in both modes (its checksum is checked on the normalised text too).
+Nothing is dropped or changed without a word: a control character that is not whitespace (NUL,
+BEL, VT, ESC, DEL, C1 controls; pandas' C parser cut a field at a NUL) is refused naming its
+line and column, and every row pandas reads is checked against an independent parse of the
+same text by Python's csv module: the same rows, each with the same text, or one error line
+naming the row's line. Errors name the file and, for a bad row, the line it ends on; they all
+come before anything is written. tests/test_data_prep_properties.py checks this over generated
+CSVs.
 
 Modes:
 - clean (default): the 481 rows are consecutive slices of the Project Gutenberg text. They are
@@ -35,6 +42,7 @@ Same input + same settings -> byte-identical outputs; a second run with nothing 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import io
 import json
@@ -152,49 +160,145 @@ def verify_checksum(path: Path, expected: str = EXPECTED_SHA256) -> str:
     return normalised
 
 
-def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[str]:
-    """The `text` column, validated: UTF-8, non-empty, no blank or oversized rows."""
+# Control characters that are not line or tab whitespace (C0 but TAB/LF/CR, DEL, C1): never in
+# a text, and pandas' C parser cuts a field at a NUL.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+C0_NAMES = ["NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "HT", "LF", "VT", "FF",
+            "CR", "SO", "SI", "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB", "CAN", "EM",
+            "SUB", "ESC", "FS", "GS", "RS", "US"]
+QUOTING_FIX = ('each `"` inside a quoted field written as `""`, and a field holding a comma or '
+               "a line break quoted")
+
+
+def control_character_name(char: str) -> str:
+    code = ord(char)
+    name = C0_NAMES[code] if code < 32 else "DEL" if code == 127 else "a C1 control character"
+    return f"U+{code:04X} ({name})"
+
+
+def refuse_control_characters(text: str, path: Path) -> None:
+    """One line naming the first control character that is not whitespace (NUL, BEL, VT, ...),
+    by line and column: such a byte means a damaged or non-text file, never the book's text."""
+    found = CONTROL_CHARACTER.search(text)
+    if found is None:
+        return
+    line = text.count("\n", 0, found.start()) + 1
+    column = found.start() - (text.rfind("\n", 0, found.start()) + 1) + 1
+    raise UserError(
+        f"{path}: line {line}, column {column} holds the control character "
+        f"{control_character_name(found[0])}; delete it (a control byte in a CSV means a "
+        "damaged or non-text file) and re-save the file as UTF-8 text"
+    )
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of Python's `csv` module: the lines it starts and ends on, its fields."""
+
+    first_line: int
+    last_line: int
+    fields: list[str]
+
+
+def csv_records(text: str) -> list[Record]:
+    """Every record of the text as Python's csv module reads it (a blank line: no fields), the
+    header included; the parse data_prep's reading is checked against."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, last = [], 0
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # no field cut
+    try:
+        for fields in reader:
+            records.append(Record(last + 1, reader.line_num, fields))
+            last = reader.line_num
+    finally:
+        csv.field_size_limit(limit)
+    return records
+
+
+def pandas_text_column(text: str, path: Path, records: list[Record]) -> list[str] | None:
+    """The `text` column as pandas reads it (every field a string, "" and "NA" kept as text, a
+    record for each blank line), or None when the header names no `text` column; only that
+    column is parsed, so extra or missing fields elsewhere in a row do not matter."""
     import pandas as pd
 
-    text = read_csv_text(path)
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty; expected a CSV with a `text` column")
-    # Every field a string ("" and "NA" stay text), blank lines kept (to count lines), never a
-    # column taken as the index; fields beyond the header's are dropped, as csv.DictReader does.
+    options = dict(dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                   index_col=False, usecols=lambda name: name == "text")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            frame = pd.read_csv(io.StringIO(text.rstrip("\n") + "\n"), dtype=str,
-                                keep_default_na=False, na_filter=False, skip_blank_lines=False,
-                                index_col=False)
+            frame = pd.read_csv(io.StringIO(text), **options)
+    except pd.errors.EmptyDataError:
+        return None
     except pd.errors.ParserError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        raise UserError(f"{path}: malformed CSV ({reason})") from exc
-    columns = [str(c) for c in frame.columns]
-    if "text" not in columns:
+        if "EOF inside string" in reason and len(records) > 1:
+            raise UserError(
+                f"{path}: a quoted field in the row starting on line {records[-1].first_line} is "
+                "never closed (its quote runs to the end of the file); close it, and write "
+                'each `"` inside a quoted field as `""`'
+            ) from exc
+        raise UserError(f"{path}: malformed CSV ({reason}); check the quoting: {QUOTING_FIX}"
+                        ) from exc
+    if "text" not in frame.columns:
+        return None
+    return list(frame["text"])
+
+
+def excerpt(value: str | None, limit: int = 40) -> str:
+    """A field as shown in an error line: its first `limit` characters, repr'd."""
+    if value is None:
+        return "nothing"
+    return repr(value[:limit]) + ("…" if len(value) > limit else "")
+
+
+def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[str]:
+    """The `text` column, validated: UTF-8, no control characters, non-empty, no blank or
+    oversized rows, and exactly what Python's csv module reads from the same text (every row,
+    each with the same text), so that no row is dropped or changed without a word."""
+    text = read_csv_text(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; expected a CSV with a `text` column")
+    refuse_control_characters(text, path)
+    records = csv_records(text)
+    header = records[0].fields
+    column = pandas_text_column(text, path, records)
+    if column is None or "text" not in header:
         raise UserError(
-            f"{path}: no `text` column (found {', '.join(map(repr, columns)) or 'none'}); "
+            f"{path}: no `text` column (found {', '.join(map(repr, header)) or 'a blank line'}); "
             "the first line must be a header naming a `text` column"
         )
-    lines = text.split("\n")
-    # the line each row ends on: after the header's lines, each row's 1 + its inner newlines
-    line = 1 + sum(c.count("\n") for c in columns)
+    index = header.index("text")
     rows = []
-    for record in frame.itertuples(index=False, name=None):
-        line += 1 + sum(field.count("\n") for field in record)
-        if not lines[line - 1]:
-            continue  # a blank line between rows, not a row
-        value = record[columns.index("text")]
-        if not value.strip():
+    for i, record in enumerate(records[1:]):
+        got = column[i] if i < len(column) else None
+        if not record.fields and got in ("", None):
+            continue  # a blank line between rows, not a row (pandas may skip trailing ones)
+        expected = record.fields[index] if index < len(record.fields) else ""
+        if got != expected or not record.fields:
             raise UserError(
-                f"{path}: row ending on line {line} has an empty `text`; remove blank rows"
+                f"{path}: row ending on line {record.last_line} reads as {excerpt(got)} with "
+                f"pandas but as {excerpt(expected if record.fields else None)} with Python's "
+                f"csv module; check the quoting there: {QUOTING_FIX}"
             )
-        if len(value) > max_row_chars:
+        if not expected.strip():
             raise UserError(
-                f"{path}: row ending on line {line} has {len(value):,} characters, over the "
-                f"{max_row_chars:,} limit; check the file (or raise --max-row-chars)"
+                f"{path}: row ending on line {record.last_line} has an empty `text`; remove "
+                "blank rows"
             )
-        rows.append(value)
+        if len(expected) > max_row_chars:
+            raise UserError(
+                f"{path}: row ending on line {record.last_line} has {len(expected):,} "
+                f"characters, over the {max_row_chars:,} limit; check the file (or raise "
+                "--max-row-chars)"
+            )
+        rows.append(expected)
+    extra = [value for value in column[len(records) - 1:] if value]
+    if extra:
+        raise UserError(
+            f"{path}: pandas reads a row {excerpt(extra[0])} after the last line Python's csv "
+            f"module reads (line {records[-1].last_line}); check the quoting there: "
+            f"{QUOTING_FIX}"
+        )
     if not rows:
         raise UserError(f"{path}: has a header but no rows")
     return rows
@@ -357,8 +461,22 @@ def split_stats(texts: list[str]) -> dict:
     }
 
 
+# Characters that json.dumps(ensure_ascii=False) leaves as they are but str.splitlines() breaks a
+# line at (core.files reads JSONL that way): written as JSON escapes, which decode to the same text.
+LINE_BREAKS_KEPT_BY_JSON = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def jsonl_line(text: str) -> str:
+    line = json.dumps({"text": text}, ensure_ascii=False)
+    for char, escape in LINE_BREAKS_KEPT_BY_JSON.items():
+        line = line.replace(char, escape)
+    return line + "\n"
+
+
 def jsonl_bytes(texts: list[str]) -> bytes:
-    return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    """One {"text": ...} per line, UTF-8; a line never holds a character that any JSONL reader
+    (or str.splitlines) takes for a line break."""
+    return "".join(jsonl_line(t) for t in texts).encode()
 
 
 def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
-from core.runs import EVAL_SUBDIR
+from core.runs import EVAL_SUBDIR, refuse_stopped
 from core.tokens import context_prefix_id
 from eval.errors import cuda_unavailable_problem, load_problem
 
@@ -128,6 +128,17 @@ def check_model_ref(model: str) -> None:
             "python -m models.smollm2) or pass --model with an existing directory"
             + (" (HF_HUB_OFFLINE=1, so hub ids are not downloaded)" if _offline() else "")
         )
+
+
+ALLOW_STOPPED_HELP = ("use a run that training stopped early anyway (the loss watchdog or the "
+                      "NaN/inf stop; its output_dir holds stopped_early.json)")
+
+
+def refuse_stopped_run(run_dir: Path | None, allow: bool) -> None:
+    """One line and stop when `run_dir` is a run that training stopped early (core/runs.py),
+    unless `allow` (--allow-stopped)."""
+    if run_dir is not None and not allow:
+        refuse_stopped(Path(run_dir), "pass --allow-stopped")
 
 
 def read_adapter_config(adapter: Path) -> dict:

@@ -50,6 +50,7 @@ from core.errors import UserError
 from core.files import sha256_of
 from core.runs import DEFAULT_TRAIN_DATA, GENERATIONS_JSON, GENERATIONS_MD
 from eval.common import (
+    ALLOW_STOPPED_HELP,
     LoadedModel,
     base_model_context,
     default_out_dir,
@@ -60,6 +61,7 @@ from eval.common import (
     model_device,
     model_line,
     read_texts,
+    refuse_stopped_run,
     resolve_model_arg,
     script_main,
     utc_timestamp,
@@ -127,6 +129,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="base model directory or hub id "
                         "(default: base_model_name_or_path of --adapter)")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
     parser.add_argument("--prompt", action="append",
                         help="prompt, repeatable (default: a built-in list incl. the notebook's)")
     parser.add_argument("--max-new-tokens", type=int, default=60)
@@ -359,6 +362,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
         index = TrainingIndex(read_texts(args.train, what="training text"))
         LOG.info("memorisation index: %d words, %d distinct %d-grams from %s",
                  index.n_words, len(index.ngrams), NGRAM, args.train)
+    refuse_stopped_run(args.adapter, args.allow_stopped)
     model_ref, _ = resolve_model_arg(args.model, args.adapter)
     out_dir = args.out or default_out_dir(args.adapter)
 

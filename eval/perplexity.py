@@ -48,6 +48,7 @@ from core.files import sha256_of
 from core.runs import DEFAULT_EVAL_DATA, PERPLEXITY_JSON, PERPLEXITY_MD
 from core.tokens import context_prefix_id
 from eval.common import (
+    ALLOW_STOPPED_HELP,
     LoadedModel,
     base_model_context,
     default_out_dir,
@@ -59,6 +60,7 @@ from eval.common import (
     model_device,
     model_line,
     read_texts,
+    refuse_stopped_run,
     resolve_model_arg,
     script_main,
     utc_timestamp,
@@ -118,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="base model directory or hub id "
                         "(default: base_model_name_or_path of --adapter)")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
     parser.add_argument("--compare", action="store_true",
                         help="score the base model too (adapter disabled), same tokens")
     parser.add_argument("--data", type=Path, action="append",
@@ -366,6 +369,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     """Score, write OUT/perplexity.*; `loaded` reuses an already loaded tokenizer + model."""
     check_args(args)
     datasets = read_datasets(args.data or [DEFAULT_EVAL_DATA], args.control, args.max_rows)
+    refuse_stopped_run(args.adapter, args.allow_stopped)
     model_ref, _ = resolve_model_arg(args.model, args.adapter)
     out_dir = args.out or default_out_dir(args.adapter)
 

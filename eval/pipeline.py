@@ -51,9 +51,11 @@ from core.runs import (
     Run,
 )
 from eval.common import (
+    ALLOW_STOPPED_HELP,
     load_for_eval,
     quiet_library_logs,
     read_adapter_config,
+    refuse_stopped_run,
     resolve_device,
     resolve_model_arg,
     script_main,
@@ -101,6 +103,7 @@ def parse_args(argv=None):
     parser.add_argument("--eos-token", help="override EOS (default: the recipe's special_tokens)")
     parser.add_argument("--pad-token", help="override pad (default: the recipe's special_tokens)")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {PARTS}")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -127,6 +130,7 @@ def plan(args) -> dict:
     """What to evaluate, from the target and the flags (no heavy imports)."""
     target = args.target
     run = target_run(target)
+    refuse_stopped_run(run.output_dir, args.allow_stopped)
     if not run.adapter_config.is_file():
         raise UserError(f"{run.adapter_config} not found: train first (axolotl train "
                         f"{target if target.suffix in ('.yml', '.yaml') else 'RECIPE'}), or "
@@ -155,6 +159,8 @@ def plan(args) -> dict:
 def part_argvs(args, p: dict) -> tuple[list[str], list[str]]:
     """The eval.perplexity and eval.generate command lines this evaluation stands for."""
     common = ["--adapter", str(p["run_dir"])]
+    if args.allow_stopped:
+        common.append("--allow-stopped")
     if p["model"]:
         common += ["--model", p["model"]]
     if p["load_in_4bit"]:
@@ -222,7 +228,8 @@ def run(args) -> dict:
         elif part == "generate":
             results[part] = generate.run(gen_args, loaded)
         else:
-            report.run(report.parse_args([str(p["run_dir"])]))
+            report.run(report.parse_args([str(p["run_dir"])]
+                                         + (["--allow-stopped"] if args.allow_stopped else [])))
         seconds[part] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - started
 

@@ -30,11 +30,14 @@ from core.runs import (
     PERPLEXITY_JSON,
     REPORT_MD,
     TENSORBOARD_DIR,
+    read_stop_record,
     trainer_state_files,
 )
 from eval.common import (
+    ALLOW_STOPPED_HELP,
     fmt,
     load_json_object,
+    refuse_stopped_run,
     script_main,
     utc_timestamp,
     write_error,
@@ -216,6 +219,10 @@ def render_report(run_dir: Path, sources: dict, curves, ppl, gens, charts: list[
     lines = [f"# Fine-tuning report: `{run_dir}`", "", f"Generated {utc_timestamp()} by "
              "`python -m eval.report`. Sources: " + ", ".join(
                  f"{k} `{v}`" for k, v in sources.items() if v) + ".", "", "## Summary", ""]
+    stopped = read_stop_record(run_dir)
+    if stopped:
+        lines.append(f"- **Training stopped early**: {stopped['summary']} (`stopped_early.json`); "
+                     "what is reported here is not a finished run.")
     lines += summary_lines(curves, ppl, gens) or ["- (nothing measured)"]
     missing = [k for k, v in sources.items() if v is None]
     if missing:
@@ -282,6 +289,8 @@ def parse_args(argv=None):
                         help=f"perplexity results (default RUN_DIR/{EVAL_SUBDIR}/{PERPLEXITY_JSON})")
     parser.add_argument("--generations", type=Path, help=f"generations (default "
                         f"RUN_DIR/{EVAL_SUBDIR}/{GENERATIONS_JSON})")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP + "; "
+                        "the report says it stopped")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -290,6 +299,7 @@ def run(args) -> Path:
     run_dir = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found: pass the axolotl output_dir of a run")
+    refuse_stopped_run(run_dir, args.allow_stopped)
     inputs = {}
     for name, given, default, producer in (
         ("perplexity", args.perplexity, PERPLEXITY_JSON, "eval.perplexity"),

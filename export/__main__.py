@@ -14,7 +14,9 @@ Steps, each printed as it starts:
   4. check     each GGUF in llama.cpp vs the merged model in transformers: tokenizer, greedy
                tokens, perplexity on a held-out passage (tolerances in export/check.py)
 Writes OUT/export.json (times, file sizes, check results); exits 1 if a check fails, 2 on a
-bad input. A run that was a full fine-tune (no adapter_config.json) is converted as it is.
+bad input. A run that was a full fine-tune (no adapter_config.json) is converted as it is. A run
+that training stopped early (its output_dir holds stopped_early.json: the loss watchdog or the
+NaN/inf stop) is refused in one line unless --allow-stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from core.errors import UserError, cli
+from core.runs import refuse_stopped
 from export import LLAMA_CPP_PYTHON_VERSION
 from export.check import DEFAULT_GREEDY_TOKENS, DEFAULT_PROMPT
 from export.converter import find_converter
@@ -257,6 +260,8 @@ def write_modelfile(out: Path, gguf: Path, merged: Path, model_name: str) -> Pat
 def run_export(args) -> dict:
     os.chdir(REPO)  # adapter configs name their base relative to the repository root
     run_dir = args.run_dir
+    if not args.allow_stopped:
+        refuse_stopped(run_dir, "pass --allow-stopped")
     base, is_adapter = read_run(run_dir, args.base_model)
     out = args.out or run_dir / "export"
     name = args.name or run_dir.resolve().name
@@ -387,6 +392,9 @@ def parse_args(argv=None):
     parser.add_argument("--greedy-tokens", type=int, default=DEFAULT_GREEDY_TOKENS)
     parser.add_argument("--no-check", action="store_true",
                         help="skip the llama.cpp check (needs no llama-cpp-python)")
+    parser.add_argument("--allow-stopped", action="store_true",
+                        help="export a run that training stopped early anyway (its output_dir "
+                             "holds stopped_early.json)")
     return parser.parse_args(argv)
 
 

@@ -27,6 +27,20 @@ if str(REPO) not in sys.path:
 
 import core.runs  # noqa: E402 - after the repository is importable
 
+# Property tests (tests/test_data_prep_properties.py): `ci`, the default, runs the same 500
+# examples every time (derandomised: a CI run never fails on a case found only by luck);
+# HYPOTHESIS_PROFILE=explore runs 3,000 new ones to look for more. Nothing is kept between runs
+# (no .hypothesis/ database in the checkout): what hypothesis finds becomes a plain test.
+with contextlib.suppress(ImportError):
+    from hypothesis import HealthCheck, settings
+
+    _PROPERTY_SETTINGS = dict(deadline=None, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.too_slow])
+    settings.register_profile("ci", max_examples=500, derandomize=True, **_PROPERTY_SETTINGS)
+    settings.register_profile("explore", max_examples=3000, **_PROPERTY_SETTINGS)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 RAW_CSV = REPO / "data" / "raw" / "frankenstein_chunks.csv"  # where data_prep looks for it
 VENV_BIN = Path(sys.executable).parent
 

@@ -254,3 +254,100 @@ def test_the_book_with_other_line_endings_or_a_bom_gives_byte_identical_outputs(
     assert digests["crlf"] == digests["lf"] and digests["bom-crlf"] == digests["lf"]
     seed_rows = (tmp_path / "prepared-crlf" / "seed" / "train.jsonl").read_text()
     assert "\\r" not in seed_rows  # no carriage return left in the training text
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing dropped or changed without a word: control characters, an unclosed quote, and every
+# row checked against Python's csv module (tests/test_data_prep_properties.py generates more)
+
+# (file content, the exact error line; `…/` stands for the test's temporary folder); each is a
+# row of docs/bad-inputs.md, byte for byte
+EXACT_BAD_INPUTS = {
+    "NUL inside a row": (
+        'text\n"It was on a dreary night\x00 of November"\nplain row\n',
+        "data_prep: error: …/nul.csv: line 2, column 26 holds the control character U+0000 "
+        "(NUL); delete it (a control byte in a CSV means a damaged or non-text file) and re-save "
+        "the file as UTF-8 text"),
+    "BEL and VT": (
+        "text\nthe bell\x07 tolled\nfine\x0b\n",
+        "data_prep: error: …/bel.csv: line 2, column 9 holds the control character U+0007 "
+        "(BEL); delete it (a control byte in a CSV means a damaged or non-text file) and re-save "
+        "the file as UTF-8 text"),
+    "unclosed quote": (
+        'text,note\nIt was on a dreary night,"a note\nof November\n',
+        "data_prep: error: …/unclosed.csv: a quoted field in the row starting on line 2 is never "
+        "closed (its quote runs to the end of the file); close it, and write each `\"` inside a "
+        "quoted field as `\"\"`"),
+}
+FILE_NAMES = {"NUL inside a row": "nul.csv", "BEL and VT": "bel.csv",
+              "unclosed quote": "unclosed.csv"}
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_BAD_INPUTS))
+@pytest.mark.parametrize("mode", ["seed", "clean"])
+def test_control_characters_and_an_unclosed_quote_are_one_exact_line(case, mode, tmp_path,
+                                                                      capsys, good_outputs):
+    content, message = EXACT_BAD_INPUTS[case]
+    bad = tmp_path / FILE_NAMES[case]
+    bad.write_bytes(content.encode("utf-8"))
+    before = tree_digest(good_outputs)
+
+    rc, out, err = run_prep(capsys, "--mode", mode, "--csv", bad, "--out", good_outputs,
+                            "--skip-checksum")
+
+    assert (rc, out) == (2, "")
+    assert err.replace(f"{tmp_path}/", "…/") == message + "\n"
+    assert tree_digest(good_outputs) == before
+
+
+def test_the_book_with_a_nul_byte_in_one_row_is_refused_not_cut(tmp_path, capsys, good_outputs):
+    """The report: a NUL inside one row of the book made pandas cut the field at the byte, and
+    the blank-line bookkeeping then skipped real rows: 435 of 481 rows written, exit 0. Now one
+    line naming where the byte is, in both modes, and earlier outputs untouched."""
+    source = find_real_csv() or write_synthetic_book(tmp_path / "synthetic.csv")
+    text = source.read_text(encoding="utf-8")
+    with open(source, encoding="utf-8", newline="") as handle:
+        rows = [r["text"] for r in csv.DictReader(handle)]
+    at = text.index(rows[100]) + 20  # the 21st character of the 101st row
+    line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+    bad = tmp_path / "frankenstein_chunks.csv"
+    bad.write_text(text[:at] + "\x00" + text[at:], encoding="utf-8")
+    before = tree_digest(good_outputs)
+    for mode in ("seed", "clean", "both"):
+        rc, out, err = run_prep(capsys, "--mode", mode, "--csv", bad, "--out", good_outputs,
+                                "--skip-checksum")
+        assert (rc, out) == (2, ""), out
+        assert err == (f"data_prep: error: {bad}: line {line}, column {column} holds the control "
+                       "character U+0000 (NUL); delete it (a control byte in a CSV means a "
+                       "damaged or non-text file) and re-save the file as UTF-8 text\n")
+        assert tree_digest(good_outputs) == before
+
+
+def test_a_row_read_differently_by_pandas_is_one_line_naming_it(tmp_path, capsys, good_outputs,
+                                                                monkeypatch):
+    """The cross-check itself, with pandas made to cut a field as its C parser did at a NUL (no
+    real input is known to make pandas and the csv module disagree any more)."""
+    import data_prep.prepare as prepare
+
+    read = prepare.pandas_text_column
+    monkeypatch.setattr(prepare, "pandas_text_column",
+                        lambda *a: [v[:12] for v in read(*a)])
+    bad = write_csv(tmp_path / "cut.csv", ["short", "It was on a dreary night of November"])
+    before = tree_digest(good_outputs)
+
+    rc, out, err = run_prep(capsys, "--mode", "seed", "--csv", bad, "--out", good_outputs,
+                            "--skip-checksum")
+
+    assert (rc, out) == (2, "")
+    assert err.replace(f"{tmp_path}/", "…/") == (
+        "data_prep: error: …/cut.csv: row ending on line 3 reads as 'It was on a ' with pandas "
+        "but as 'It was on a dreary night of November' with Python's csv module; check the "
+        "quoting there: each `\"` inside a quoted field written as `\"\"`, and a field holding a "
+        "comma or a line break quoted\n")
+    assert tree_digest(good_outputs) == before
+
+
+def test_every_new_message_is_in_the_bad_input_matrix_byte_for_byte():
+    doc = (REPO / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
+    for _, message in EXACT_BAD_INPUTS.values():
+        assert f"`` {message} ``" in doc or f"`{message}`" in doc, message

@@ -181,3 +181,94 @@ def test_merged_weight_check_tells_a_wrong_merge_from_rounding(tiny_model, tmp_p
         save_file(stored(bad, factor), tmp_path / "model.safetensors")
         check = merged_weight_check(model, tmp_path)
         assert not check["ok"] and check["layers_over_rounding"] == [bad], factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Why a stage ended early, and a given model that is not pretrained
+
+
+@pytest.mark.parametrize(("log", "rc", "why"), [
+    ("[WARNING] [axolotl.utils.callbacks] Loss is too high, stopping training "
+     "(loss_watchdog_threshold)\nerror: the loss stayed above loss_watchdog_threshold 5.0 for 3 "
+     "steps in a row, 10.3700 at step 3, so Axolotl's loss watchdog stopped training at step 4 "
+     "of 20; ...", 1, "stopped by the loss watchdog at step 4"),
+    ("[WARNING] Loss is too high, stopping training (loss_watchdog_threshold)\nTraining "
+     "completed!", 0, "stopped by the loss watchdog"),  # the guard's option off: exit 0
+    ("error: grad_norm became nan at step 3; training stopped before saving.", 1,
+     "NaN/inf stop at step 3"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 1,
+     "out of GPU memory"),
+    ("error: saving checkpoint-10 in out failed (No space left on device); ...", 1, "disk full"),
+    ("E1204 ... failed (exitcode: -9) local_rank: 0 (pid: 123) of binary: python", -9,
+     "killed (SIGKILL, out of host memory?)"),
+    ("Killed\n", 137, "killed (SIGKILL, out of host memory?)"),
+    ("step 5 done\n", -15, "killed (SIGTERM)"),
+    ("Traceback ...\nValueError: something else\n", 1, ""),
+])
+def test_a_stage_says_why_it_ended_early(log, rc, why, tmp_path):
+    from bench.gpu_check import early_end_reason
+
+    path = tmp_path / "stage.log"
+    path.write_text(log)
+    assert early_end_reason(path, rc) == why
+
+
+def pretrained_copy(model_dir, target, dtype=None):
+    """The model with one norm weight moved off 1.0, as training moves them (and in `dtype`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, target)
+    weights = load_file(str(target / "model.safetensors"))
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+    key = next(k for k in weights if k.endswith("norm.weight"))
+    weights[key] = weights[key].clone()
+    weights[key][0] = 1.25
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_a_model_whose_norms_are_as_initialised_is_not_pretrained(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bench.gpu_check import untrained_reason
+
+    assert untrained_reason(tiny_model) == "all 5 norm weights are 1.0, as initialised"
+    assert untrained_reason(pretrained_copy(tiny_model, tmp_path / "trained")) is None
+    bf16 = tmp_path / "bf16"  # the random 7B is saved in bf16
+    bf16.mkdir()
+    weights = {k: v.to(torch.bfloat16) for k, v in
+               load_file(str(tiny_model / "model.safetensors")).items()}
+    save_file(weights, str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    assert untrained_reason(bf16) == "all 5 norm weights are 1.0, as initialised"
+    assert untrained_reason(pretrained_copy(tiny_model, tmp_path / "t16", torch.bfloat16)) is None
+    assert untrained_reason(tmp_path / "empty") is None  # no weights to judge: left as given
+
+
+def test_a_given_random_init_model_is_trained_without_the_watchdog_as_a_built_one(tiny_model,
+                                                                                  tmp_path):
+    """`--model DIR` of a random-init model with a recipe whose watchdog (threshold 5.0) is set
+    for real weights: the watchdog would stop it after 3 steps, so it is dropped, as for the
+    model gpu-check builds, and the summary says why; a pretrained one keeps it."""
+    from bench.gpu_check import Check, parse_args
+    from core.runs import load_recipe
+
+    def run_recipe(model):
+        check = Check(parse_args(["--recipe", "recipes/mistral-qlora.yml", "--model", str(model),
+                                  "--work", str(tmp_path / model.name), "--skip", "pytest"]))
+        check.prepare_work()
+        check.model()
+        return check, load_recipe(check.write_recipe("run"))
+
+    check, cfg = run_recipe(tiny_model)
+    assert check.model_kind == "given"
+    assert "loss_watchdog_threshold" not in cfg and "loss_watchdog_patience" not in cfg
+    assert check.stages["model"].note == (
+        f"--model {tiny_model}; not pretrained (all 5 norm weights are 1.0, as initialised): "
+        "trained without the recipe's loss watchdog, as a random-init model is")
+    check, cfg = run_recipe(pretrained_copy(tiny_model, tmp_path / "pretrained"))
+    assert (cfg["loss_watchdog_threshold"], cfg["loss_watchdog_patience"]) == (5.0, 3)
+    assert check.model_untrained is None

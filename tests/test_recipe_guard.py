@@ -249,9 +249,11 @@ def test_save_wrapper_turns_only_disk_errors_into_one_line(capsys):
 # -- NaN/inf loss ------------------------------------------------------------------------------
 
 
-def test_finite_loss_callback_stops_with_one_line_and_status_2(capsys):
+def test_finite_loss_callback_stops_with_one_line_and_status_2(capsys, tmp_path):
     callback = FiniteLossCallback()
-    args, state = SimpleNamespace(output_dir="/runs/out"), SimpleNamespace(global_step=3)
+    out = tmp_path / "out"
+    args = SimpleNamespace(output_dir=str(out))
+    state = SimpleNamespace(global_step=3, max_steps=20, is_world_process_zero=True)
     assert callback.on_log(args, state, "control", logs={"loss": 2.5, "grad_norm": 1.0}) == \
         "control"
     with pytest.raises(SystemExit) as exc:
@@ -259,8 +261,12 @@ def test_finite_loss_callback_stops_with_one_line_and_status_2(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err == (
         "\nerror: grad_norm became nan at step 3; training stopped before saving. Lower "
-        "learning_rate (or check the data) and re-run; the last good checkpoint, if any, is in "
-        "/runs/out\n")
+        f"learning_rate (or check the data) and re-run; the last good checkpoint, if any, is in "
+        f"{out}\n")
+    # and the run directory records the stop (tests/test_watchdog_stop.py)
+    record = json.loads((out / "stopped_early.json").read_text())
+    assert (record["reason"], record["step"], record["max_steps"]) == ("non_finite", 3, 20)
+    assert record["summary"] == "grad_norm became nan at step 3"
 
 
 def test_each_fix_can_be_turned_off_and_the_options_are_axolotl_keys():

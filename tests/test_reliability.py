@@ -328,6 +328,10 @@ def test_exploding_learning_rate_stops_with_one_line_and_saves_nothing(tiny_trai
     assert "site-packages/transformers" not in proc.stderr
     assert not (out / "adapter_model.safetensors").exists()
     assert not list(out.glob("checkpoint-*"))
+    # the run directory records the stop, so eval/merge-lora/export say so (test_watchdog_stop)
+    record = json.loads((out / "stopped_early.json").read_text())
+    assert record["reason"] == "non_finite" and record["step"] == int(match[3])
+    assert record["summary"] == f"{match[1]} became {match[2]} at step {match[3]}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,3 +32,8 @@ class RecipeGuardArgs(BaseModel):
     recipe_guard_one_line_save_errors: bool = switch(
         "A checkpoint save that fails for lack of disk space stops with one line instead of a "
         "traceback; other errors keep theirs")
+    recipe_guard_stopped_run_fails: bool = switch(
+        "When the loss watchdog stops training, record it in output_dir/stopped_early.json and "
+        "make `axolotl train` fail with one line (Axolotl exits 0 and saves the adapter as if "
+        "it were trained); `axolotl merge-lora` of such a run stops unless "
+        "RECIPE_GUARD_ALLOW_STOPPED=1")

@@ -13,7 +13,10 @@ checks that the Axolotl internals the fixes below patch are the ones they were w
   (resume.py);
 - `recipe_guard_one_line_save_errors`: a checkpoint save on a full disk is one line
   (saving.py);
-- `recipe_guard_finite_loss`: training stops on a NaN/inf loss or grad norm (callbacks.py).
+- `recipe_guard_finite_loss`: training stops on a NaN/inf loss or grad norm (callbacks.py);
+- `recipe_guard_stopped_run_fails`: a run Axolotl's loss watchdog stopped is recorded as stopped
+  early and `axolotl train` fails with one line (stops.py); `axolotl merge-lora` of a run that
+  stopped early stops in `register()` unless RECIPE_GUARD_ALLOW_STOPPED=1.
 Every stop is one `error:` line on stderr and exit status 2 (core/errors.py).
 """
 
@@ -28,6 +31,14 @@ from integrations.recipe_guard.checks import check_recipe
 from integrations.recipe_guard.compat import check_patch_targets
 from integrations.recipe_guard.resume import seed_packed_order, skip_incomplete_checkpoints
 from integrations.recipe_guard.saving import SAVE_OPTION, one_line_save_errors
+from integrations.recipe_guard.stops import (
+    STOP_OPTION,
+    WatchdogStopCallback,
+    find_watchdog,
+    finish,
+    refuse_stopped_merge,
+    running_command,
+)
 
 try:  # the plugin base class only exists where axolotl is installed
     from axolotl.integrations.base import BasePlugin
@@ -50,6 +61,8 @@ class RecipeGuardPlugin(BasePlugin):
         with reported():
             stop_on(check_recipe(dict(cfg), runtime=not running_preprocess()))
             check_patch_targets(cfg)
+            if running_command("merge-lora"):
+                refuse_stopped_merge(cfg)
 
     def pre_lora_load(self, cfg, model):
         if option(cfg, "recipe_guard_seed_lora") and cfg.get("seed") is not None:
@@ -70,3 +83,17 @@ class RecipeGuardPlugin(BasePlugin):
 
     def add_callbacks_pre_trainer(self, cfg, model):
         return [FiniteLossCallback()] if option(cfg, "recipe_guard_finite_loss") else []
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        # after Axolotl's own callbacks, its LossWatchDogCallback included
+        self.watchdog_stop = None
+        if option(cfg, STOP_OPTION) and cfg.get("loss_watchdog_threshold") is not None:
+            with reported():
+                self.watchdog_stop = WatchdogStopCallback(find_watchdog(trainer))
+            return [self.watchdog_stop]
+        return []
+
+    def post_train_unload(self, cfg):
+        # training finished and Axolotl saved everything: a watchdog stop fails here
+        with reported():
+            finish(cfg, getattr(self, "watchdog_stop", None))
