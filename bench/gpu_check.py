@@ -60,8 +60,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.timeline import ENV_TIMELINE, breakdown
 from core.errors import EXIT_FAILED, EXIT_OK, cli, first_line
-from core.files import write_file, write_files
+from core.files import read_jsonl, write_file, write_files
 from core.runs import (
     HELD_OUT_CORPUS_PPL,
     Run,
@@ -75,6 +76,7 @@ from core.runs import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+TIMELINE_PLUGIN = "bench.timeline.TimelinePlugin"
 DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
 DEFAULT_WORK = Path("outputs/gpu-check")
 DEFAULT_OUT_ROOT = Path("bench/results")
@@ -300,7 +302,7 @@ class Check:
             return [str(axolotl or "axolotl"), verb, str(recipe)]
         return [sys.executable, "-m", module, str(recipe)]
 
-    def write_recipe(self, name: str) -> Path:
+    def write_recipe(self, name: str, timed: bool = False) -> Path:
         overrides = {**self.overrides, "base_model": self.model_ref,
                      "output_dir": str(self.work / name),
                      "dataset_prepared_path": str(self.work / f"prepared-{name}")}
@@ -308,6 +310,9 @@ class Check:
             # a random-init model's loss starts near ln(32000) = 10.4, above the watchdog
             # threshold the recipe sets for real weights, which would stop it after 3 steps
             overrides.update(loss_watchdog_threshold=None, loss_watchdog_patience=None)
+        if timed:  # bench.timeline's plugin: the time to adapter, part by part
+            plugins = overrides.get("plugins", self.recipe_cfg.get("plugins")) or []
+            overrides["plugins"] = [*plugins, TIMELINE_PLUGIN]
         return write_recipe(self.recipe_cfg, self.work / "recipes" / f"{name}.yml", overrides)
 
     def blocked(self, stage: Stage, *needs: str) -> bool:
@@ -506,10 +511,20 @@ class Check:
         self.complete("train_resumed")
 
     def train_reference(self, recipe: Path):
+        """The uninterrupted run, timed part by part as bench.time_to_adapter does (the
+        timeline plugin added to its recipe)."""
         stage = self.stages["train_reference"]
         if not self.blocked(stage, "data_prep", "model"):
-            self.run(stage, self.axolotl("train", recipe), self.lane_b)
+            timeline = self.work / "reference-timeline.jsonl"
+            timeline.unlink(missing_ok=True)
+            env = {**self.env_for(self.lane_b), ENV_TIMELINE: str(timeline)}
+            launched = time.time()
+            self.run(stage, self.axolotl("train", recipe), self.lane_b, env=env)
+            finished = time.time()
             stage.key = train_figures(Run.from_recipe(recipe).output_dir)
+            if timeline.is_file():
+                stage.key["time_to_adapter"] = breakdown(
+                    read_jsonl(timeline, skip_bad_lines=True), launched, finished)
         self.complete("train_reference")
 
     def evaluate(self, recipe: Path):
@@ -603,7 +618,7 @@ class Check:
                 thread.join()
             if self.model_ref:
                 run_recipe = self.write_recipe("run")
-                reference_recipe = self.write_recipe("reference")
+                reference_recipe = self.write_recipe("reference", timed=True)
             else:
                 run_recipe = reference_recipe = self.work / "recipes" / "missing.yml"
             lanes = [threading.Thread(target=self.lane_a_work, args=(run_recipe,)),
@@ -914,9 +929,14 @@ def key_figure(stage: dict, summary: dict) -> str:
         evaluated = (f", eval loss {_fmt(k.get('final_eval_loss'), 4)} (step "
                      f"{k.get('final_eval_step')})" if k.get("final_eval_loss") is not None
                      else "")
+        timed = k.get("time_to_adapter") or {}
+        waited = (f"; time to adapter {_fmt(timed['time_to_adapter_s'])} s ("
+                  + ", ".join(f"{part.removesuffix('_s').replace('_', ' ')} {_fmt(seconds)}"
+                              for part, seconds in timed["parts"].items()) + ")"
+                  if timed.get("parts") else "")
         return (text + f"step {_fmt(k.get('global_step'))}/{_fmt(k.get('max_steps'))}, final "
                 f"loss {_fmt(k.get('final_loss'), 4)}{evaluated}, "
-                f"{_fmt(k.get('tokens_per_s_median'), 0)} tok/s (median step)")
+                f"{_fmt(k.get('tokens_per_s_median'), 0)} tok/s (median step)" + waited)
     if name == "evaluate" and k:
         return (f"held-out ppl {_fmt(k.get('held_out_ppl_base'), 2)} → "
                 f"{_fmt(k.get('held_out_ppl_adapter'), 2)}; load {_fmt(k.get('load_s'))} s, "

@@ -57,6 +57,12 @@ def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_pa
     assert comparison["loss_max_abs_diff"] == pytest.approx(0, abs=1e-6)
     assert comparison["adapter_max_abs_diff"] == pytest.approx(0, abs=1e-6)
 
+    # the uninterrupted run is timed part by part (bench.timeline), as bench.time_to_adapter does
+    waited = stages["train_reference"]["key"]["time_to_adapter"]
+    assert waited["steps"] == 4 and waited["checkpoints"] == 2
+    assert sum(waited["parts"].values()) == pytest.approx(waited["time_to_adapter_s"], abs=0.01)
+    assert "time to adapter" in (out / "summary.md").read_text()
+
     evaluate = stages["evaluate"]["key"]
     assert evaluate["generated_tokens_per_s"] > 0 and evaluate["load_s"] > 0
     assert evaluate["held_out_ppl_adapter"] < evaluate["held_out_ppl_base"]
