@@ -279,3 +279,44 @@ def test_dataset_save_with_one_worker_starts_no_process_pool(tmp_path, monkeypat
     assert save_in_process()
     data.save_to_disk(str(tmp_path / "wrapped"), num_proc=1)
     assert datasets.load_from_disk(str(tmp_path / "wrapped")).to_dict() == data.to_dict()
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_compiled_layers_split_restates_the_stock_layer_forward(family):
+    """fast_steps_compile runs a layer as before_attention -> attention -> after_attention: the
+    same operations as transformers' own forward, so the same values and gradients, bit for
+    bit, before anything is compiled."""
+    import sys
+
+    import transformers
+
+    from integrations.fast_steps.compiled_layers import attention, split_forward
+
+    config_cls = {"mistral": transformers.MistralConfig, "llama": transformers.LlamaConfig}[family]
+    model_cls = {"mistral": transformers.MistralForCausalLM,
+                 "llama": transformers.LlamaForCausalLM}[family]
+    torch.manual_seed(0)
+    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                        head_dim=16, attn_implementation="sdpa")
+    model = model_cls(config).train()
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 12, 64, requires_grad=True)
+    position_ids = torch.arange(12)[None].expand(2, -1)
+    cos, sin = model.model.rotary_emb(hidden, position_ids)
+
+    def gradients(output):
+        output.square().sum().backward()
+        grads = [hidden.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+        hidden.grad = None
+        layer.zero_grad(set_to_none=True)
+        return grads
+
+    stock = layer(hidden, position_ids=position_ids, position_embeddings=(cos, sin))
+    stock_grads = gradients(stock)
+    before, after = split_forward(sys.modules[type(layer).__module__].apply_rotary_pos_emb)
+    query, key, value = before(layer, hidden, cos, sin)
+    split = after(layer, hidden, attention(layer, query, key, value, None,
+                                           position_ids=position_ids))
+    assert torch.equal(split, stock)
+    assert all(torch.equal(a, b) for a, b in zip(gradients(split), stock_grads, strict=True))

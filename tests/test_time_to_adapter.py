@@ -73,7 +73,10 @@ def test_compiled_layers_train_like_the_uncompiled_recipe(timed_run, tiny_traine
     steps' losses agree to fp32 rounding (Inductor orders some sums differently)."""
     _, out = timed_run
     report = json.loads((out / "fast_steps_compile.json").read_text())
-    assert report["graph_breaks"] == 0 and report["recompiles"] == 0, report
+    # no graph break; two compiled functions for all layers (twice: the first layer's input
+    # needs no gradient)
+    assert report["graph_breaks"] == 0 and report["resumed_frames"] == 0, report
+    assert report["compiled_frames"] <= 4, report
     assert report["compiled_calls"] == report["layers"] * STEPS  # one micro-batch a step
     assert report["eager_calls"] > 0  # evaluation ran the stock forward
     compiled = [h["loss"] for h in trainer_state(out) if "loss" in h][:STEPS]

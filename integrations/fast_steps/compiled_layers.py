@@ -1,76 +1,97 @@
-"""Each decoder layer's training forward (and so its backward) compiled with torch.compile.
+"""The training forward (and so the backward) of each decoder layer, compiled around attention.
 
 What a host-bound QLoRA step spends its time on is Python launching small kernels: per layer,
 seven LoRA projections (each a 4-bit dequantisation, a matmul, two small LoRA matmuls, a scale
 and an add, and as many again backwards), the norms, the rotary embedding and the SwiGLU.
-Compiled, one layer becomes a few generated kernels with the elementwise work fused, launched
-from generated code instead of module-by-module Python.
+Compiled, each becomes a few generated kernels with the elementwise work fused, launched from
+generated code instead of module-by-module Python.
 
-- One compiled function serves all layers: the layer is an input of the compiled function,
-  not a constant baked into it, so Mistral's 32 identical layers share one compilation
-  (`compiled_calls` and the guard counters in the first-step log say whether that held).
-- Only the training forward is compiled (`layer.training` and grad enabled): evaluation and
-  generation run the stock forward, so an evaluation costs no second compilation and scores
-  exactly as before.
-- Attention stays outside the compiled region (`torch.compiler.disable` on the attention
-  function): its packed layout (`cu_seqlens`, the longest passage) changes from one micro-batch
-  to the next, which would otherwise recompile the layer; the attention itself is one kernel
-  each way already.
+A layer's training forward is split in two compiled functions with the attention between them,
+run eagerly: `before_attention` (input norm, q/k/v projections, rotary embedding) and
+`after_attention` (output projection, residual, norm, MLP, residual). The attention stays out
+because its packed layout (`cu_seqlens`, the longest passage) changes from one micro-batch to
+the next, which would recompile a traced attention; it is one kernel each way already. The
+split is explicit, not a graph break inside the layer: dynamo would compile the code after such
+a break once per layer (the resumed frame holds the layer itself), and then try each layer's
+guards in turn on every call.
+
+- One compilation serves all layers: the layer is an argument of the compiled functions, not a
+  constant baked into them (a second one is made for the first layer, whose input needs no
+  gradient). `<output_dir>/fast_steps_compile.json` says whether that held.
+- Only the training forward is compiled (`layer.training` and grad enabled, no KV cache):
+  evaluation and generation run the stock forward, so an evaluation costs no compilation and
+  scores exactly as before.
 - bitsandbytes (>= 0.46) registers its 4-bit dequantisation as torch.library ops, so dynamo
   traces through `Linear4bit`; Axolotl's fused LoRA kernels call bitsandbytes through ctypes,
   which dynamo cannot trace, so they must be off (plugin.py checks).
+- Mistral and Llama layers (`SUPPORTED`): the split restates their forward (transformers 5.x),
+  and `tests/test_integrations.py` checks it against the stock forward value for value.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
 
 LOG = logging.getLogger(__name__)
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
-# Every layer instance is a new input of the one compiled function: guards, not recompiles,
-# unless something layer-specific leaks into the trace. The limit keeps a leak from silently
-# falling back to eager after 8 layers (torch's default) without letting it run forever.
+SUPPORTED = ("MistralDecoderLayer", "LlamaDecoderLayer")
+# Layer instances are arguments, so they are guarded, not recompiled; the limit only keeps a
+# leak of something layer-specific into a trace from silently falling back to eager after 8.
 RECOMPILE_LIMIT = 64
-# how dynamo words the graph break at a torch.compiler.disable()d function (the attention)
-PLANNED_BREAK = "torch.compiler.disable()"
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder layers of a (peft-wrapped) causal LM: `model.model.layers` of the base."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None or not len(layers):
         raise ValueError(f"no decoder layers found in {type(base).__name__} (expected "
                          "model.model.layers)")
     return list(layers)
 
 
-def outside_compiled_region(function: Callable) -> Callable:
-    """The same function, run eagerly when called from compiled code (a clean graph break)."""
-    if getattr(function, "_fast_steps_outside", False):
-        return function
-    wrapped = torch.compiler.disable(function, recursive=True)
-    wrapped._fast_steps_outside = True
-    for attr in vars(function):  # keep markers such as Axolotl's stock-function attribute
-        setattr(wrapped, attr, getattr(function, attr))
-    return wrapped
+def split_forward(rotary: Callable) -> tuple[Callable, Callable]:
+    """(before_attention, after_attention) of a Mistral/Llama decoder layer, with the rotary
+    embedding function the modeling module holds when the layers are compiled (Liger's, if
+    Liger replaced it)."""
+
+    def before_attention(layer, hidden_states, cos, sin):
+        attention = layer.self_attn
+        normed = layer.input_layernorm(hidden_states)
+        shape = (*normed.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        query, key = rotary(query, key, cos, sin)
+        return query, key, value
+
+    def after_attention(layer, hidden_states, attention_output):
+        attention_output = attention_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        hidden_states = hidden_states + layer.self_attn.o_proj(attention_output)
+        return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+    return before_attention, after_attention
 
 
-def keep_attention_eager() -> list[str]:
-    """Mark every attention function transformers may call as outside the compiled region."""
+def attention(layer, query, key, value, attention_mask, **kwargs):
+    """The attention call of the stock forward, with the same arguments."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    names = []
-    for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
-        function = ALL_ATTENTION_FUNCTIONS[name]
-        if not getattr(function, "_fast_steps_outside", False):
-            ALL_ATTENTION_FUNCTIONS.register(name, outside_compiled_region(function))
-            names.append(name)
-    return names
+    module = layer.self_attn
+    config = module.config
+    modeling = sys.modules[type(module).__module__]
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+                                                      modeling.eager_attention_forward)
+    extra = {"sliding_window": getattr(config, "sliding_window", None)} if hasattr(
+        config, "sliding_window") else {}
+    output, _ = interface(module, query, key, value, attention_mask,
+                          dropout=0.0 if not module.training else module.attention_dropout,
+                          scaling=module.scaling, **extra, **kwargs)
+    return output
 
 
 class CompiledLayers:
@@ -86,44 +107,55 @@ class CompiledLayers:
 
     def install(self, model) -> int:
         layers = decoder_layers(model)
+        unsupported = sorted({type(layer).__name__ for layer in layers} - set(SUPPORTED))
+        if unsupported:
+            raise ValueError(f"decoder layers {', '.join(unsupported)}: fast_steps_compile "
+                             f"knows {' and '.join(SUPPORTED)}")
         config = torch._dynamo.config
         for key in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, key):
                 setattr(config, key, max(getattr(config, key), RECOMPILE_LIMIT))
-        keep_attention_eager()
-        classes = {type(layer) for layer in layers}
-        compiled = {cls: torch.compile(cls.forward, mode=None if self.mode == "default"
-                                       else self.mode, dynamic=False)
-                    for cls in classes}
+        options = {"mode": None if self.mode == "default" else self.mode, "dynamic": False}
+        compiled = {}
+        for cls in {type(layer) for layer in layers}:
+            modeling = sys.modules[cls.__module__]
+            before, after = split_forward(modeling.apply_rotary_pos_emb)
+            compiled[cls] = (torch.compile(before, **options), torch.compile(after, **options))
         for layer in layers:
-            layer.forward = self._forward(layer, type(layer).forward, compiled[type(layer)])
+            layer.forward = self._forward(layer, type(layer).forward, *compiled[type(layer)])
         self.layers = len(layers)
         return self.layers
 
-    def _forward(self, layer, original: Callable, compiled: Callable) -> Callable:
-        def forward(*args, **kwargs):
-            if layer.training and torch.is_grad_enabled():
-                self.compiled_calls += 1
-                return compiled(layer, *args, **kwargs)
-            self.eager_calls += 1
-            return original(layer, *args, **kwargs)
+    def _forward(self, layer, original: Callable, before: Callable, after: Callable):
+        def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, **kwargs):
+            if (not layer.training or not torch.is_grad_enabled() or past_key_values is not None
+                    or position_embeddings is None):
+                self.eager_calls += 1
+                return original(layer, hidden_states, attention_mask=attention_mask,
+                                position_ids=position_ids, past_key_values=past_key_values,
+                                use_cache=use_cache, position_embeddings=position_embeddings,
+                                **kwargs)
+            self.compiled_calls += 1
+            cos, sin = position_embeddings
+            query, key, value = before(layer, hidden_states, cos, sin)
+            output = attention(layer, query, key, value, attention_mask,
+                               position_ids=position_ids, use_cache=use_cache, **kwargs)
+            return after(layer, hidden_states, output)
 
         forward._fast_steps_compiled = True
         return forward
 
 
 def compile_report() -> dict:
-    """Dynamo's counters so far: graphs, graph breaks (the planned ones at the eager attention
-    counted apart), recompiles."""
+    """Dynamo's counters so far: frames compiled, graphs, graph breaks, resumed frames."""
     from torch._dynamo.utils import counters
 
     breaks = dict(counters.get("graph_break", {}))
-    planned = sum(n for reason, n in breaks.items() if PLANNED_BREAK in reason)
     return {
+        "compiled_frames": int(counters["frames"].get("ok", 0)),
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
-        "planned_graph_breaks": int(planned),
-        "graph_breaks": int(sum(breaks.values()) - planned),
-        "graph_break_reasons": [reason.splitlines()[0][:160] for reason in breaks
-                                if PLANNED_BREAK not in reason],
-        "recompiles": int(sum(counters.get("recompiles", {}).values())),
+        "graph_breaks": int(sum(breaks.values())),
+        "graph_break_reasons": [reason.splitlines()[0][:160] for reason in breaks],
+        "resumed_frames": int(sum(counters.get("resumes", {}).values())),
     }

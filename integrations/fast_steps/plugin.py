@@ -141,8 +141,8 @@ class RequireMasterWeightOptimizer(TrainerCallback):
 
 class ReportCompiledLayers(TrainerCallback):
     """After the first optimizer step (the one that compiled) and at the end of training, what
-    dynamo made of the layers, in `<output_dir>/fast_steps_compile.json`; a graph break or a
-    recompile is also logged as a warning (it costs speed, not correctness)."""
+    dynamo made of the layers, in `<output_dir>/fast_steps_compile.json`; a graph break is
+    also logged as a warning (it costs speed, not correctness)."""
 
     def __init__(self, compiled: CompiledLayers):
         self.compiled = compiled
@@ -153,7 +153,8 @@ class ReportCompiledLayers(TrainerCallback):
                   "eager_calls": self.compiled.eager_calls, **compile_report()}
         if args.process_index == 0:
             write_json(Path(args.output_dir) / COMPILE_REPORT, report)
-        level = logging.WARNING if report["graph_breaks"] or report["recompiles"] else logging.INFO
+        level = (logging.WARNING if report["graph_breaks"] or report["resumed_frames"]
+                 else logging.INFO)
         LOG.log(level, "fast_steps compile: %s", json.dumps(report))
 
     def on_step_end(self, args, state, control, **kwargs):
