@@ -37,3 +37,7 @@ class RecipeGuardArgs(BaseModel):
         "make `axolotl train` fail with one line (Axolotl exits 0 and saves the adapter as if "
         "it were trained); `axolotl merge-lora` of such a run stops unless "
         "RECIPE_GUARD_ALLOW_STOPPED=1")
+    recipe_guard_cpu_processes: bool = switch(
+        "Several training processes without CUDA (torchrun on CPUs) train data-parallel over "
+        "gloo: the model placed on the CPU and the Trainer told to use it (Axolotl 0.19.0 "
+        "places it on GPU LOCAL_RANK, and each process would train alone)")

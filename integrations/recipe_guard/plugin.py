@@ -29,6 +29,7 @@ from integrations.recipe_guard.args import option
 from integrations.recipe_guard.callbacks import FiniteLossCallback
 from integrations.recipe_guard.checks import check_recipe
 from integrations.recipe_guard.compat import check_patch_targets
+from integrations.recipe_guard.cpu_processes import train_on_cpus
 from integrations.recipe_guard.resume import seed_packed_order, skip_incomplete_checkpoints
 from integrations.recipe_guard.saving import SAVE_OPTION, one_line_save_errors
 from integrations.recipe_guard.stops import (
@@ -63,6 +64,8 @@ class RecipeGuardPlugin(BasePlugin):
             check_patch_targets(cfg)
             if running_command("merge-lora"):
                 refuse_stopped_merge(cfg)
+        if option(cfg, "recipe_guard_cpu_processes"):
+            train_on_cpus()
 
     def pre_lora_load(self, cfg, model):
         if option(cfg, "recipe_guard_seed_lora") and cfg.get("seed") is not None:
