@@ -117,7 +117,8 @@ def build(session: Session, run: Run, target: str, max_new_tokens: int = 60):
         with gr.Tab("Evaluation"):
             gr.Markdown(evaluation, elem_id="evaluation")
             for path, title in charts:
-                gr.Image(value=str(path), label=title, interactive=False, type="filepath")
+                gr.Image(value=str(path), label=title, interactive=False, type="filepath",
+                         buttons=["download", "fullscreen"])
         button.click(compare_events(session),
                      inputs=[prompt, max_new, temperature, top_p, seed, greedy],
                      outputs=[base_text, base_stats, tuned_text, tuned_stats, status],
@@ -144,5 +145,8 @@ def launch(page, host: str, port: int) -> None:
     except OSError as err:  # the port was taken between the check and the launch
         raise UserError(f"cannot listen on {host}:{port} ({err}): stop what uses it or pass "
                         "--port N") from None
-    print(f"app: base vs fine-tuned on {page.local_url} (Ctrl-C to stop)", flush=True)
-    page.block_thread()
+    try:
+        print(f"app: base vs fine-tuned on {page.local_url} (Ctrl-C to stop)", flush=True)
+        page.block_thread()  # returns on Ctrl-C, the server closed
+    except KeyboardInterrupt:  # Ctrl-C before block_thread caught it
+        page.close()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from conftest import REPO
@@ -259,9 +260,12 @@ def test_page_streams_both_models_in_a_real_browser(request, tiny_trained, tmp_p
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                                  args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            hosts = set()
+            page.on("request", lambda r: hosts.add(urlparse(r.url).hostname))
             shown = drive(page, f"http://127.0.0.1:{port}/")
             page.screenshot(path=str(screenshot), full_page=True)
             page.get_by_role("tab", name="Evaluation").click()
+            page.locator("#evaluation").wait_for(state="visible")
             evaluation = page.locator("#evaluation").inner_text()
             browser.close()
     finally:
@@ -285,6 +289,8 @@ def test_page_streams_both_models_in_a_real_browser(request, tiny_trained, tmp_p
         assert "tokens/s" in stats and "first token after" in stats, stats
         assert "copied from the training text:" in stats, stats
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing but the page itself, and the one script Gradio's page template names (no web fonts)
+    assert hosts - {"127.0.0.1"} <= {"cdnjs.cloudflare.com"}, hosts
 
     from eval.pipeline import target_run
 
