@@ -31,10 +31,10 @@ from pathlib import Path
 
 from core.errors import UserError, cli
 from core.ports import check_listen
+from core.runs import Run
 
 DEFAULT_RUN = Path("outputs/smollm2-demo-cpu")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-EXPORT_SUBDIR, EXPORT_JSON = "export", "export.json"  # python -m export's default --out layout
 
 
 def parse_args(argv=None):
@@ -65,8 +65,8 @@ def find_gguf(run_dir: Path, gguf_type: str, name: str) -> Path:
         raise UserError(f"run directory {run_dir} not found: pass the output_dir of a finished "
                         "run (make demo writes outputs/smollm2-demo-cpu), exported with make "
                         "export")
-    export_dir = run_dir / EXPORT_SUBDIR
-    summary_file = export_dir / EXPORT_JSON
+    run = Run.from_output_dir(run_dir)
+    export_dir, summary_file = run.export_dir, run.export_json
     summary, recorded = {}, None
     if summary_file.is_file():
         try:
