@@ -265,7 +265,8 @@ def test_page_streams_both_models_in_a_real_browser(request, tiny_trained, tmp_p
             shown = drive(page, f"http://127.0.0.1:{port}/")
             page.screenshot(path=str(screenshot), full_page=True)
             page.get_by_role("tab", name="Evaluation").click()
-            page.locator("#evaluation").wait_for(state="visible")
+            page.wait_for_function("() => (document.querySelector('#evaluation') || {})"
+                                   ".innerText?.trim().length > 0")
             evaluation = page.locator("#evaluation").inner_text()
             browser.close()
     finally:
@@ -281,10 +282,11 @@ def test_page_streams_both_models_in_a_real_browser(request, tiny_trained, tmp_p
     expected = eval_generate_greedy(target, tmp_path)
     assert shown["base"] == expected["base"], (shown["base"], expected)
     assert shown["tuned"] == expected["adapter"], (shown["tuned"], expected)
-    # streamed: each pane was seen growing before it held its final text
+    # streamed: each pane held at least two shorter texts before its final one (a partial
+    # character may show as U+FFFD until its last byte comes, so lengths, not prefixes)
     for key in ("base", "tuned"):
-        partial = [v for v in shown["seen"][key] if v != shown[key]]
-        assert len(partial) >= 2 and all(len(v) < len(shown[key]) for v in partial), shown
+        shorter = [v for v in shown["seen"][key] if len(v) < len(shown[key])]
+        assert len(shorter) >= 2, (key, shown["seen"][key], shown[key])
     for stats in (shown["base_stats"], shown["tuned_stats"]):
         assert "tokens/s" in stats and "first token after" in stats, stats
         assert "copied from the training text:" in stats, stats
