@@ -37,7 +37,8 @@ LLAMA_SDIST := .cache/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz
 EXPORT_STAMP := $(VENV)/.setup-export-stamp
 EXPORT_ARGS ?=
 
-.PHONY: help setup prep models demo demo-tiny test test-gpu test-docker lint clean setup-export export
+.PHONY: help setup prep models demo demo-tiny test test-gpu test-docker lint clean setup-export export \
+  app serve
 
 help:
 	@echo "make demo   - set up, then prepare data, fine-tune SmolLM2-135M on CPU, evaluate, report"
@@ -46,6 +47,8 @@ help:
 	@echo "make prep   - data/prepared/{clean,seed}/ from the Frankenstein CSV"
 	@echo "make demo-tiny - the pipeline on a 4 M-param random-init Mistral (about 2 minutes)"
 	@echo "make export - merged model + GGUF (f16, q8_0) + Ollama Modelfile of the demo run, checked in llama.cpp"
+	@echo "make app    - the demo run's base and fine-tuned model side by side on http://127.0.0.1:7860"
+	@echo "make serve  - OpenAI-compatible server (llama.cpp) for the exported GGUF on 127.0.0.1:8000"
 	@echo "make test-docker - build the Docker image, run the compose services on CPU (root + podman)"
 	@echo "make lint   - ruff"
 	@echo "make gpu-check - on an NVIDIA GPU box: the whole GPU path, one summary (docs/gpu-check.md)"
@@ -83,6 +86,19 @@ $(EXPORT_STAMP): $(STAMP)
 
 export: setup-export
 	$(PY) -m export $(EXPORT_ARGS)
+
+# `make app`: the page comparing the base and the fine-tuned model (docs/app.md); another run:
+# make app APP_TARGET=recipes/<recipe>.yml (or a run directory), options in APP_ARGS.
+APP_TARGET ?= recipes/smollm2-demo-cpu.yml
+APP_ARGS ?=
+app: setup
+	$(PY) -m app $(APP_TARGET) $(APP_ARGS)
+
+# `make serve`: llama.cpp's OpenAI-compatible server on the run's q8_0 GGUF (after make export).
+SERVE_RUN ?= outputs/smollm2-demo-cpu
+SERVE_ARGS ?=
+serve: setup-export
+	$(PY) -m export.serve $(SERVE_RUN) $(SERVE_ARGS)
 
 prep: setup
 	$(PY) -m data_prep --mode both

@@ -6,6 +6,8 @@
                  JSONL reading and appending, sha256 of a file
 - `core.runs`    what "a run" is: a recipe's model, data, output and eval directories, the
                  file names and metric keys its outputs use, its checkpoints and trainer state
+- `core.ports`   whether a server can listen on HOST:PORT, asked before a slow start (the page,
+                 the llama.cpp server): a port in use is one line
 - `core.tokens`  how a text starts: the token put before it (EOS where the tokenizer adds no
                  BOS) in scoring, generation, the GGUF check and `integrations.passage_start`
 

@@ -12,6 +12,8 @@ outputs go, under which names.
                            evaluation.json (what `python -m eval` ran, its seconds, key metrics)
     run.report_md, run.chart_dir      output_dir/report.md, output_dir/report/*.png
     run.merged_dir         output_dir/merged/ (axolotl merge-lora)
+    run.export_dir         output_dir/export/: python -m export's GGUF files and export.json
+                           (run.export_json), which python -m export.serve serves
 
 `Run.from_output_dir(DIR)` is the same for a bare run directory (no recipe: default data).
 Checkpoints: `checkpoints`, `newest_complete_checkpoint` (the Trainer writes trainer_state.json
@@ -51,6 +53,8 @@ REPORT_MD = "report.md"
 CHART_DIR = "report"
 TENSORBOARD_DIR = "runs"
 MERGED_DIR = "merged"
+EXPORT_SUBDIR = "export"  # python -m export's default output: GGUF files, Modelfile, merged/
+EXPORT_JSON = "export.json"  # in EXPORT_SUBDIR: sizes, times, the llama.cpp check, GGUF paths
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -212,6 +216,8 @@ class Run:
     chart_dir = _InOutputDir(CHART_DIR)
     tensorboard_dir = _InOutputDir(TENSORBOARD_DIR)
     merged_dir = _InOutputDir(MERGED_DIR)
+    export_dir = _InOutputDir(EXPORT_SUBDIR)
+    export_json = _InOutputDir(EXPORT_SUBDIR, EXPORT_JSON)
     adapter_config = _InOutputDir(ADAPTER_CONFIG)
 
     def has_adapter(self) -> bool:

@@ -221,8 +221,11 @@ def sampler_class():
 PerRowSampler = None
 
 
-def generate_batch(model, tok, prompts: list[str], seeds: list[int | None], args) -> list[dict]:
-    """Continuations of `prompts` in one left-padded generate() call; seed None = greedy."""
+def generate_batch(model, tok, prompts: list[str], seeds: list[int | None], args,
+                   streamer=None) -> list[dict]:
+    """Continuations of `prompts` in one left-padded generate() call; seed None = greedy.
+    `streamer` (transformers' streamer interface, one prompt only) receives each new token as it
+    is generated (the side-by-side page streams it)."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -242,7 +245,8 @@ def generate_batch(model, tok, prompts: list[str], seeds: list[int | None], args
     try:
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention,
-                                 generation_config=config, logits_processor=processors)
+                                 generation_config=config, logits_processor=processors,
+                                 streamer=streamer)
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory while generating a batch of {len(prompts)} rows: "
                         "lower --batch-size (e.g. --batch-size 4)") from None

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from core.errors import UserError, cli
-from core.runs import refuse_stopped
+from core.runs import EXPORT_JSON, EXPORT_SUBDIR, refuse_stopped
 from export import LLAMA_CPP_PYTHON_VERSION
 from export.check import DEFAULT_GREEDY_TOKENS, DEFAULT_PROMPT
 from export.converter import find_converter
@@ -263,7 +263,7 @@ def run_export(args) -> dict:
     if not args.allow_stopped:
         refuse_stopped(run_dir, "pass --allow-stopped")
     base, is_adapter = read_run(run_dir, args.base_model)
-    out = args.out or run_dir / "export"
+    out = args.out or run_dir / EXPORT_SUBDIR
     name = args.name or run_dir.resolve().name
     passage, passage_source = read_passage(args.passage)
     if not args.no_check or any(t in QUANTIZE_TYPES for t in args.types):
@@ -349,7 +349,7 @@ def run_export(args) -> dict:
     }
     tmp = out / ".export.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "export.json")
+    os.replace(tmp, out / EXPORT_JSON)
     print_summary(summary, out, name)
     return summary
 

@@ -163,7 +163,8 @@ def repository_lock(name: str):
 # Tests that share an expensive session fixture run in the same worker (`--dist loadgroup`), so
 # the fixture is computed once per suite run, not once per worker.
 FIXTURE_GROUPS = {"tiny_run": "tiny-run", "tiny_trained": "tiny-run",
-                  "short_demo_log": "short-demo", "short_demo_run": "short-demo"}
+                  "short_demo_log": "short-demo", "short_demo_run": "short-demo",
+                  "demo_export": "short-demo"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
@@ -255,3 +256,25 @@ def short_demo_run(short_demo_log) -> Path:
     assert short_demo_log.returncode == 0, short_demo_log.log.read_text()[-4000:]
     return short_demo_log.output_dir
 
+
+
+@dataclass
+class DemoExport:
+    run_dir: Path
+    out: Path  # RUN_DIR/export, python -m export's default
+    name: str
+    log: Path
+    returncode: int
+
+
+@pytest.fixture(scope="session")
+def demo_export(short_demo_run) -> DemoExport:
+    """`python -m export` of the shortened demo run, once: test_export checks the files,
+    test_serve serves its q8_0 GGUF."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make "
+                        "setup-export` (make test runs it)")
+    out, name = short_demo_run / "export", "frankenstein-demo"
+    log = short_demo_run.parent / "export.log"
+    proc = run_logged([sys.executable, "-m", "export", str(short_demo_run), "--out", str(out),
+                       "--name", name], log, timeout=900)
+    return DemoExport(short_demo_run, out, name, log, proc.returncode)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tomllib
 
 import pytest
@@ -80,18 +78,10 @@ def test_bad_run_dir_is_one_line_and_exit_2(case, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_of_the_demo_run_loads_in_llama_cpp_and_matches_transformers(short_demo_run,
-                                                                          tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make "
-                        "setup-export` (make test runs it)")
-    out = tmp_path / "export"
-    log = tmp_path / "export.log"
-    with open(log, "w") as handle:
-        proc = subprocess.run([sys.executable, "-m", "export", str(short_demo_run), "--out",
-                               str(out), "--name", "frankenstein-demo"], cwd=REPO,
-                              stdout=handle, stderr=subprocess.STDOUT, timeout=900)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
+def test_export_of_the_demo_run_loads_in_llama_cpp_and_matches_transformers(demo_export):
+    out = demo_export.out  # python -m export RUN --out RUN/export --name frankenstein-demo
+    text = demo_export.log.read_text()
+    assert demo_export.returncode == 0, text[-4000:]
 
     summary = json.loads((out / "export.json").read_text())
     assert summary["passed"] is True
