@@ -339,7 +339,8 @@ def _job_settings(base_image: str | None, synthetic_book: bool) -> dict:
         job["build"] = {"network": "host",
                         "args": {"BASE": base_image,
                                  "PIP_CERT": "/etc/ssl/certs/ca-certificates.crt"}}
-    services = {name: json.loads(json.dumps(job)) for name in ("prep", "train", "eval", "merge")}
+    services = {name: json.loads(json.dumps(job))
+                for name in ("prep", "train", "eval", "merge", "app")}
     if synthetic_book:  # the real CSV is not on this machine: a stand-in with another checksum
         services["prep"]["command"] = [
             "bash", "-c", "python -m data_prep --mode clean --skip-checksum && python -m "
@@ -657,6 +658,38 @@ def test_run_eval_writes_perplexity_and_report(evaluated, prepped):
     assert (run_dir / "eval" / "generations.json").is_file()
     assert (run_dir / "report.md").is_file()
     assert not _owned_by_user(run_dir)
+
+
+APP_URL = "http://127.0.0.1:7860/"  # the port the compose file publishes, on 127.0.0.1 only
+APP_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def page(prepped, training) -> tuple[str | None, float, Path]:
+    """`docker compose --profile app up app` on the trained run, until the page answers."""
+    import urllib.request
+
+    proc, log = prepped.popen("--profile", "app", "up", "app", log="up-app")
+    start, html = time.monotonic(), None
+    try:
+        while html is None and proc.poll() is None and time.monotonic() - start < APP_TIMEOUT_S:
+            try:
+                with urllib.request.urlopen(APP_URL, timeout=10) as response:
+                    html = response.read().decode(errors="replace")
+            except OSError:
+                time.sleep(2)
+        seconds = time.monotonic() - start
+    finally:
+        prepped.run("--profile", "app", "stop", "app", log="stop-app")
+        proc.wait(timeout=300)
+    _record("up app until the page answers", seconds)
+    return html, seconds, log
+
+
+def test_up_app_serves_the_page_on_the_hosts_127_0_0_1(page):
+    html, _, log = page
+    assert html is not None, _tail(log)
+    assert "gradio" in html.lower(), html[:2000]
 
 
 def test_run_merge_writes_the_merged_model(prepped, training):
