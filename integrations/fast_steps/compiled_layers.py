@@ -18,9 +18,9 @@ guards in turn on every call.
 - One compilation serves all layers: the layer is an argument of the compiled functions, not a
   constant baked into them (a second one is made for the first layer, whose input needs no
   gradient). `<output_dir>/fast_steps_compile.json` says whether that held.
-- Only the training forward is compiled (`layer.training` and grad enabled, no KV cache):
-  evaluation and generation run the stock forward, so an evaluation costs no compilation and
-  scores exactly as before.
+- Only the training forward is compiled (`layer.training`, no KV cache; with gradient
+  checkpointing both the no-grad first pass and the recomputation): evaluation and generation
+  run the stock forward, so an evaluation costs no compilation and scores exactly as before.
 - bitsandbytes (>= 0.46) registers its 4-bit dequantisation as torch.library ops, so dynamo
   traces through `Linear4bit`; Axolotl's fused LoRA kernels call bitsandbytes through ctypes,
   which dynamo cannot trace, so they must be off (plugin.py checks).
@@ -129,8 +129,7 @@ class CompiledLayers:
     def _forward(self, layer, original: Callable, before: Callable, after: Callable):
         def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                     use_cache=False, position_embeddings=None, **kwargs):
-            if (not layer.training or not torch.is_grad_enabled() or past_key_values is not None
-                    or position_embeddings is None):
+            if not layer.training or past_key_values is not None or position_embeddings is None:
                 self.eager_calls += 1
                 return original(layer, hidden_states, attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=past_key_values,
