@@ -21,11 +21,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from core.diagnostics import cuda_unavailable_problem, load_problem
 from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
 from core.runs import EVAL_SUBDIR, refuse_stopped
 from core.tokens import context_prefix_id
-from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
 

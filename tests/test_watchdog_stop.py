@@ -124,7 +124,7 @@ def test_a_watchdog_stop_fails_axolotl_train_in_one_line_and_keeps_the_checkpoin
     assert errors[0].startswith(f"error: {record['summary']}; {record['fix']}. ")
 
     # gpu-check reads the same log and says why the stage ended
-    from bench.gpu_check import early_end_reason
+    from gpu_check.logs import early_end_reason
 
     log_file = out.parent / "train.log"
     log_file.write_text(log)
