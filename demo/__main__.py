@@ -177,13 +177,13 @@ def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
     train_seconds = train(run_recipe)
 
     banner(4, f"evaluation: python -m eval {run_recipe} (perplexity, generations, report)")
-    from eval.pipeline import evaluate
+    from eval.pipeline import Options, evaluate_run
 
-    options = ["--no-progress", "--max-new-tokens", str(max_new_tokens)]
-    if max_eval_rows:
-        options += ["--max-rows", str(max_eval_rows)]
-    print(f"$ python -m eval {run_recipe} {' '.join(options)}", flush=True)
-    evaluation = evaluate(run_recipe, *options)
+    rows = f" --max-rows {max_eval_rows}" if max_eval_rows else ""
+    print(f"$ python -m eval {run_recipe} --no-progress --max-new-tokens {max_new_tokens}{rows}",
+          flush=True)
+    evaluation = evaluate_run(Options(run_recipe, no_progress=True, max_new_tokens=max_new_tokens,
+                                      max_rows=max_eval_rows or None))
 
     summary = summarise(run, Path(recipe), evaluation, train_seconds,
                         time.perf_counter() - start)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -220,6 +221,25 @@ def write_error(out_dir: Path, err: OSError) -> UserError:
                      "earlier outputs there are left as they were")
 
 
+def command_line(module: str, options) -> str:
+    """`python -m MODULE ...` that parses back to `options`, a dataclass whose fields are the
+    command's options named as its flags (`max_rows` is --max-rows): a true boolean is its flag,
+    a list its option repeated, None and false are left out."""
+    argv = ["python", "-m", module]
+    for item in dataclasses.fields(options):
+        value, flag = getattr(options, item.name), "--" + item.name.replace("_", "-")
+        if value is None or value is False or item.name == "verbose":
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            for entry in value:
+                argv += [flag, str(entry)]
+        else:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
 def utc_timestamp() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -245,19 +265,24 @@ def md_escape(text: str) -> str:
 # --------------------------------------------------------------------------- models
 
 
-def resolve_device(load_in_4bit: bool = False):
-    """(device, dtype): bf16 on CUDA, fp32 on CPU; 4-bit nf4 needs CUDA."""
+class NoCudaGpu(UserError):
+    """4-bit loading where this machine has no CUDA GPU at all (not one whose CUDA cannot
+    start): the caller may say how to evaluate on the CPU instead."""
+
+
+def resolve_device(load_in_4bit: bool = False, fp32: bool = False):
+    """(device, dtype): bf16 on CUDA (fp32 there too with `fp32`), fp32 on CPU; 4-bit nf4 needs
+    CUDA."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda"), torch.float32 if fp32 else torch.bfloat16
     problem = cuda_unavailable_problem()  # a GPU is there but CUDA cannot start (old driver)
+    if load_in_4bit and problem:
+        raise UserError(f"--load-in-4bit needs CUDA, and {problem}")
     if load_in_4bit:
-        raise UserError(
-            f"--load-in-4bit needs CUDA, and {problem}" if problem else
-            "--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to evaluate in "
-            "fp32 on this CPU"
-        )
+        raise NoCudaGpu("--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to "
+                        "evaluate in fp32 on this CPU")
     if problem:
         LOG.warning("evaluating on the CPU in fp32 (slow): %s", problem)
     return torch.device("cpu"), torch.float32
@@ -309,9 +334,10 @@ def encode(tok, texts: list[str]) -> tuple[list[list[int]], int | None]:
     return ids, prefix
 
 
-def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False):
+def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False,
+               fp32: bool = False):
     """Base model on the eval device, with the LoRA adapter on top when given (eval mode)."""
-    device, dtype = resolve_device(load_in_4bit)
+    device, dtype = resolve_device(load_in_4bit, fp32)
     import torch  # noqa: F401 - imported for its side effects on transformers' device checks
     from transformers import AutoModelForCausalLM
 
@@ -453,15 +479,16 @@ class LoadedModel:
 
 def load_for_eval(model_ref: str, adapter: Path | None, load_in_4bit: bool = False,
                   tokenizer: str | None = None, eos_token: str | None = None,
-                  pad_token: str | None = None) -> LoadedModel:
-    """Tokenizer + model as every eval script loads them, timed."""
+                  pad_token: str | None = None, fp32: bool = False) -> LoadedModel:
+    """Tokenizer + model as every eval script loads them, timed (`fp32`: in fp32 on a GPU too,
+    as on a CPU)."""
     import time
 
     quiet_library_logs()
     resolve_device(load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
     start = time.perf_counter()
     tok = load_tokenizer(model_ref, tokenizer, eos_token, pad_token)
-    model = load_model(model_ref, adapter, load_in_4bit=load_in_4bit)
+    model = load_model(model_ref, adapter, load_in_4bit=load_in_4bit, fp32=fp32)
     seconds = time.perf_counter() - start
     LOG.info("loaded %s%s%s in %.1f s", model_ref, f" + {adapter}" if adapter else "",
              " (4-bit)" if load_in_4bit else "", seconds)

@@ -44,6 +44,7 @@ import logging
 import re
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
@@ -123,7 +124,33 @@ def prompt_variants(prompts: list[str]) -> list[tuple[str, str]]:
     return variants
 
 
-def parse_args(argv=None):
+@dataclass
+class Options:
+    """What `python -m eval.generate` generates and how: its command-line options, typed (each
+    field's flag is its name with dashes; the repeatable --prompt last). `python -m eval` builds
+    one directly."""
+
+    model: str | None = None
+    adapter: Path | None = None
+    allow_stopped: bool = False
+    max_new_tokens: int = 60
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    samples: int = 1
+    batch_size: int = 0
+    train: Path | None = DEFAULT_TRAIN_DATA
+    no_memorisation: bool = False
+    load_in_4bit: bool = False
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    out: Path | None = None
+    verbose: bool = False
+    prompt: list[str] | None = None
+
+
+def parse_args(argv=None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="base model directory or hub id "
@@ -132,12 +159,13 @@ def parse_args(argv=None):
     parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
     parser.add_argument("--prompt", action="append",
                         help="prompt, repeatable (default: a built-in list incl. the notebook's)")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample")
-    parser.add_argument("--samples", type=int, default=1, help="sampled generations per prompt")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=Options.temperature)
+    parser.add_argument("--top-p", type=float, default=Options.top_p)
+    parser.add_argument("--seed", type=int, default=Options.seed, help="seed of the first sample")
+    parser.add_argument("--samples", type=int, default=Options.samples,
+                        help="sampled generations per prompt")
+    parser.add_argument("--batch-size", type=int, default=Options.batch_size,
                         help=f"rows per generate() call (default 0: all generations of a model "
                         f"at once, up to {MAX_BATCH})")
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN_DATA,
@@ -152,10 +180,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
                         "outputs/eval)")
     parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return Options(**vars(parser.parse_args(argv)))
 
 
-def check_args(args) -> None:
+def check_args(args: Options) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature <= 0:
@@ -350,7 +378,7 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f} %"
 
 
-def run(args, loaded: LoadedModel | None = None) -> dict:
+def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     """Generate, check memorisation, write OUT/generations.*; `loaded` reuses a loaded model."""
     check_args(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
