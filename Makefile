@@ -17,14 +17,10 @@ PYTEST_ARGS ?=
 # together, tests/conftest.py); 1 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
-# Offline by default (the demo and tests need no hub); axolotl telemetry off everywhere.
+# Offline by default (the demo and tests need no hub); the venv's commands first. Axolotl's
+# commands get the rest of their environment (telemetry off, threads) from core/launch.py.
 export HF_HUB_OFFLINE ?= 1
-export AXOLOTL_DO_NOT_TRACK := 1
-export TOKENIZERS_PARALLELISM ?= false
-# `axolotl train` re-launches through the `accelerate` command, which must be on PATH; accelerate
-# sets OMP_NUM_THREADS=1 when unset, halving CPU training speed on 2 cores.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
 # `make export`: llama.cpp's runtime (llama-cpp-python, compiled from source here) and its
 # HF -> GGUF converter, both from this release's source distribution, kept in .cache/.
