@@ -409,7 +409,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
             "log": str(log_path), "returncode": returncode}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model directory (bench.build_random_mistral)")
@@ -452,43 +452,12 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, default=None, help="print the table of a results "
                         "file and exit")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.list:
-        for name, variant in VARIANTS.items():
-            mark = "*" if name in DEFAULT_VARIANTS else " "
-            print(f"{mark} {name:15s} {variant['kind']:8s} {variant['about']}")
-        print("* = default selection")
-        return 0
-    if args.table:
-        if not args.table.is_file():
-            raise UserError(f"--table {args.table}: no such file")
-        results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
-        print(format_table(results))
-        return 0
-    # runs start in the repo root: make every path the user gave absolute first
-    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter",
-                 "unsloth_train"):
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).resolve())
-    args.eval_data = [path.resolve() for path in args.eval_data]
-    if args.notebook_eval:
-        args.notebook_eval = str(Path(args.notebook_eval).resolve())
-    if args.model is None or not (args.model / "config.json").is_file():
-        raise UserError(f"--model {args.model}: no config.json there; build one with "
-                         "`python -m bench.build_random_mistral --out DIR`")
-    names = plan_variants(args.variants)
-    kinds = {VARIANTS[n]["kind"] for n in names}
-    recipe = {}
-    if "axolotl" in kinds:
-        if not args.recipe.is_file():
-            raise UserError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
-        recipe = load_recipe(args.recipe)
-    if "notebook" in kinds and not args.notebook_train.is_file():
-        raise UserError(f"--notebook-train {args.notebook_train}: not found; run "
-                         "`python -m data_prep --mode seed`")
-    sets = parse_overrides(args.sets)
 
+def run_all(names: list[str], args, recipe: dict, sets: dict) -> tuple[list[dict], Path]:
+    """Every variant in turn under the time guard, each result appended to --results as it
+    comes; (the results, the combined log)."""
     started = time.time()
     if args.deadline_unix is not None:
         deadline = args.deadline_unix
@@ -535,6 +504,48 @@ def main(argv=None) -> int:
               + (f" in {result['wall_s']:.0f} s" if "wall_s" in result else "") + figures,
               flush=True)
 
+    return results, combined_log
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    if args.list:
+        for name, variant in VARIANTS.items():
+            mark = "*" if name in DEFAULT_VARIANTS else " "
+            print(f"{mark} {name:15s} {variant['kind']:8s} {variant['about']}")
+        print("* = default selection")
+        return 0
+    if args.table:
+        if not args.table.is_file():
+            raise UserError(f"--table {args.table}: no such file")
+        results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
+        print(format_table(results))
+        return 0
+    # runs start in the repo root: make every path the user gave absolute first
+    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter",
+                 "unsloth_train"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    args.eval_data = [path.resolve() for path in args.eval_data]
+    if args.notebook_eval:
+        args.notebook_eval = str(Path(args.notebook_eval).resolve())
+    if args.model is None or not (args.model / "config.json").is_file():
+        raise UserError(f"--model {args.model}: no config.json there; build one with "
+                         "`python -m bench.build_random_mistral --out DIR`")
+    names = plan_variants(args.variants)
+    kinds = {VARIANTS[n]["kind"] for n in names}
+    recipe = {}
+    if "axolotl" in kinds:
+        if not args.recipe.is_file():
+            raise UserError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
+        recipe = load_recipe(args.recipe)
+    if "notebook" in kinds and not args.notebook_train.is_file():
+        raise UserError(f"--notebook-train {args.notebook_train}: not found; run "
+                         "`python -m data_prep --mode seed`")
+    sets = parse_overrides(args.sets)
+
+    results, combined_log = run_all(names, args, recipe, sets)
     print(f"\n[bench] results appended to {args.results}; logs in {combined_log}")
     print(format_table(results))
     return EXIT_OK if all(r["status"] == "ok" or r["status"].startswith("skipped")

@@ -378,6 +378,16 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f} %"
 
 
+def mean_shares(records: list[dict], labels: list[str]) -> dict:
+    """Each model's mean copied share over its generations that have one."""
+    mean_share = {}
+    for label in labels:
+        shares = [r["memorisation"]["share"] for r in records if r["model"] == label
+                  and r["memorisation"] and r["memorisation"]["share"] is not None]
+        mean_share[label] = sum(shares) / len(shares) if shares else None
+    return mean_share
+
+
 def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     """Generate, check memorisation, write OUT/generations.*; `loaded` reuses a loaded model."""
     check_args(args)
@@ -429,11 +439,7 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     order = {label: i for i, label in enumerate(labels)}
     records.sort(key=lambda r: (variants.index((r["prompt"], r["prompt_variant"])),
                                 seeds.index(r["seed"]), order[r["model"]]))
-    mean_share = {}
-    for label in labels:
-        shares = [r["memorisation"]["share"] for r in records if r["model"] == label
-                  and r["memorisation"] and r["memorisation"]["share"] is not None]
-        mean_share[label] = sum(shares) / len(shares) if shares else None
+    mean_share = mean_shares(records, labels)
     param = next(model.parameters())
     result = {
         "schema_version": 2,

@@ -246,6 +246,48 @@ def write_modelfile(out: Path, gguf: Path, merged: Path, model_name: str) -> Pat
 # --------------------------------------------------------------------------- driver
 
 
+def convert_all(converter: Path, merged: Path, out: Path, name: str, types: list[str],
+                seconds: dict[str, float]) -> dict[str, Path]:
+    """OUT/NAME-TYPE.gguf of each type (k-quants from the f16 file), each one's seconds."""
+    files: dict[str, Path] = {}
+    for gguf_type in types:
+        outfile = out / f"{name}-{gguf_type}.gguf"
+        t0 = time.perf_counter()
+        if gguf_type in CONVERTER_TYPES:
+            convert(converter, merged, outfile, gguf_type)
+        else:
+            quantize(files["f16"], outfile, gguf_type)
+        seconds[f"gguf_{gguf_type}"] = time.perf_counter() - t0
+        files[gguf_type] = outfile
+        print(f"{outfile}: {outfile.stat().st_size / 2**20:.1f} MiB "
+              f"in {seconds[f'gguf_{gguf_type}']:.1f} s", flush=True)
+    return files
+
+
+def check_all(files: dict[str, Path], merged: Path, prompt: str, passage: str,
+              greedy_tokens: int) -> list[dict]:
+    """Each GGUF in llama.cpp against the merged model in transformers (export/check.py), one
+    line each."""
+    from export.check import Reference
+
+    checks = []
+    reference = Reference(merged, prompt, passage, greedy_tokens)
+    for gguf_type, path in files.items():
+        result = reference.compare(path, gguf_type)
+        checks.append(result)
+        tol = result["ppl_tolerance_pct"]
+        split = result["greedy_divergence"]
+        tie = (f" (then a near-tie: logit margins {split['reference_margin']:.4f} / "
+               f"{split['llama_cpp_margin']:.4f})" if split and split["near_tie"] else "")
+        print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
+              f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
+              f"match{tie}, perplexity {result['ppl_llama_cpp']:.4f} vs "
+              f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
+              + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
+              + ("ok" if result["passed"] else "FAILED"), flush=True)
+    return checks
+
+
 def run_export(args) -> dict:
     os.chdir(CODE_ROOT)  # adapter configs name their base relative to the repository root
     run_dir = args.run_dir
@@ -278,18 +320,7 @@ def run_export(args) -> dict:
     seconds["merge"] = time.perf_counter() - t0
 
     banner(2, f"convert: llama.cpp {converter.name} -> {', '.join(args.types)}")
-    files: dict[str, Path] = {}
-    for gguf_type in args.types:
-        outfile = out / f"{name}-{gguf_type}.gguf"
-        t0 = time.perf_counter()
-        if gguf_type in CONVERTER_TYPES:
-            convert(converter, merged, outfile, gguf_type)
-        else:
-            quantize(files["f16"], outfile, gguf_type)
-        seconds[f"gguf_{gguf_type}"] = time.perf_counter() - t0
-        files[gguf_type] = outfile
-        print(f"{outfile}: {outfile.stat().st_size / 2**20:.1f} MiB "
-              f"in {seconds[f'gguf_{gguf_type}']:.1f} s", flush=True)
+    files = convert_all(converter, merged, out, name, args.types, seconds)
 
     banner(3, f"Ollama Modelfile: {out / 'Modelfile'}")
     pick = next((t for t in ("q8_0", "q4_k_m", "f16") if t in files), args.types[0])
@@ -299,23 +330,8 @@ def run_export(args) -> dict:
     checks = []
     if not args.no_check:
         banner(4, "check: llama.cpp vs transformers (tokenizer, greedy tokens, perplexity)")
-        from export.check import Reference
-
         t0 = time.perf_counter()
-        reference = Reference(merged, args.prompt, passage, args.greedy_tokens)
-        for gguf_type, path in files.items():
-            result = reference.compare(path, gguf_type)
-            checks.append(result)
-            tol = result["ppl_tolerance_pct"]
-            split = result["greedy_divergence"]
-            tie = (f" (then a near-tie: logit margins {split['reference_margin']:.4f} / "
-                   f"{split['llama_cpp_margin']:.4f})" if split and split["near_tie"] else "")
-            print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
-                  f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
-                  f"match{tie}, perplexity {result['ppl_llama_cpp']:.4f} vs "
-                  f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
-                  + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
-                  + ("ok" if result["passed"] else "FAILED"), flush=True)
+        checks = check_all(files, merged, args.prompt, passage, args.greedy_tokens)
         seconds["check"] = time.perf_counter() - t0
     else:
         banner(4, "check: skipped (--no-check)")
