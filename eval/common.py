@@ -135,6 +135,48 @@ ALLOW_STOPPED_HELP = ("use a run that training stopped early anyway (the loss wa
                       "NaN/inf stop; its output_dir holds stopped_early.json)")
 
 
+@dataclasses.dataclass
+class ModelOptions:
+    """The options the eval scripts share, typed (each field's flag is its name with dashes):
+    which model and adapter, how they are loaded, where the outputs go."""
+
+    model: str | None = None
+    adapter: Path | None = None
+    allow_stopped: bool = False
+    load_in_4bit: bool = False
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    out: Path | None = None
+    verbose: bool = False
+
+    def load(self, loaded: LoadedModel | None = None) -> tuple[str, Path, LoadedModel]:
+        """(model reference, output folder, tokenizer + model): a run that training stopped
+        early is refused first; `loaded` is a model already loaded for these options."""
+        refuse_stopped_run(self.adapter, self.allow_stopped)
+        model_ref, _ = resolve_model_arg(self.model, self.adapter)
+        out_dir = self.out or default_out_dir(self.adapter)
+        if loaded is None:
+            loaded = load_for_eval(model_ref, self.adapter, self.load_in_4bit, self.tokenizer,
+                                   self.eos_token, self.pad_token)
+        return model_ref, out_dir, loaded
+
+
+def add_model_options(parser, eos_help: str, pad_help: str) -> None:
+    """The flags of ModelOptions on an eval script's parser."""
+    parser.add_argument("--model", help="base model directory or hub id "
+                        "(default: base_model_name_or_path of --adapter)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--eos-token", help=eos_help)
+    parser.add_argument("--pad-token", help=pad_help)
+    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
+                        "outputs/eval)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
 def refuse_stopped_run(run_dir: Path | None, allow: bool) -> None:
     """One line and stop when `run_dir` is a run that training stopped early (core/runs.py),
     unless `allow` (--allow-stopped)."""
@@ -475,6 +517,13 @@ class LoadedModel:
     tok: object
     model: object
     seconds: float
+
+    @property
+    def dtype_name(self) -> str:
+        """How the weights are held, as the results record it ("nf4 (bnb 4-bit)", "float32")."""
+        if self.load_in_4bit:
+            return "nf4 (bnb 4-bit)"
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
 
 def load_for_eval(model_ref: str, adapter: Path | None, load_in_4bit: bool = False,

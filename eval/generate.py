@@ -51,19 +51,16 @@ from core.errors import UserError
 from core.files import sha256_of
 from core.runs import DEFAULT_TRAIN_DATA, GENERATIONS_JSON, GENERATIONS_MD
 from eval.common import (
-    ALLOW_STOPPED_HELP,
     LoadedModel,
+    ModelOptions,
+    add_model_options,
     base_model_context,
-    default_out_dir,
     encode,
     library_versions,
-    load_for_eval,
     md_escape,
     model_device,
     model_line,
     read_texts,
-    refuse_stopped_run,
-    resolve_model_arg,
     script_main,
     utc_timestamp,
     write_results,
@@ -125,14 +122,11 @@ def prompt_variants(prompts: list[str]) -> list[tuple[str, str]]:
 
 
 @dataclass
-class Options:
+class Options(ModelOptions):
     """What `python -m eval.generate` generates and how: its command-line options, typed (each
     field's flag is its name with dashes; the repeatable --prompt last). `python -m eval` builds
     one directly."""
 
-    model: str | None = None
-    adapter: Path | None = None
-    allow_stopped: bool = False
     max_new_tokens: int = 60
     temperature: float = 0.8
     top_p: float = 0.95
@@ -141,22 +135,14 @@ class Options:
     batch_size: int = 0
     train: Path | None = DEFAULT_TRAIN_DATA
     no_memorisation: bool = False
-    load_in_4bit: bool = False
-    tokenizer: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    out: Path | None = None
-    verbose: bool = False
     prompt: list[str] | None = None
 
 
 def parse_args(argv=None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="base model directory or hub id "
-                        "(default: base_model_name_or_path of --adapter)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
-    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    add_model_options(parser, eos_help="override the tokenizer's EOS (generation stops there)",
+                      pad_help="override the pad token")
     parser.add_argument("--prompt", action="append",
                         help="prompt, repeatable (default: a built-in list incl. the notebook's)")
     parser.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens)
@@ -173,13 +159,6 @@ def parse_args(argv=None) -> Options:
                         f"{DEFAULT_TRAIN_DATA})")
     parser.add_argument("--no-memorisation", action="store_true",
                         help="skip the memorisation check (no --train needed)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    parser.add_argument("--eos-token", help="override the tokenizer's EOS (generation stops there)")
-    parser.add_argument("--pad-token", help="override the pad token")
-    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
-                        "outputs/eval)")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return Options(**vars(parser.parse_args(argv)))
 
 
@@ -400,13 +379,7 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
         index = TrainingIndex(read_texts(args.train, what="training text"))
         LOG.info("memorisation index: %d words, %d distinct %d-grams from %s",
                  index.n_words, len(index.ngrams), NGRAM, args.train)
-    refuse_stopped_run(args.adapter, args.allow_stopped)
-    model_ref, _ = resolve_model_arg(args.model, args.adapter)
-    out_dir = args.out or default_out_dir(args.adapter)
-
-    if loaded is None:
-        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
-                               args.eos_token, args.pad_token)
+    model_ref, out_dir, loaded = args.load(loaded)
     tok, model = loaded.tok, loaded.model
     labels = ["base", "adapter"] if args.adapter else ["base"]
     seeds = [None] + [args.seed + i for i in range(args.samples)]
@@ -440,7 +413,6 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     records.sort(key=lambda r: (variants.index((r["prompt"], r["prompt_variant"])),
                                 seeds.index(r["seed"]), order[r["model"]]))
     mean_share = mean_shares(records, labels)
-    param = next(model.parameters())
     result = {
         "schema_version": 2,
         "timestamp": utc_timestamp(),
@@ -448,8 +420,7 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
         "adapter": str(args.adapter) if args.adapter else None,
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
-            "torch."),
+        "dtype": loaded.dtype_name,
         "settings": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": args.top_p, "seed": args.seed, "samples": args.samples,
                      "eos_token": tok.eos_token, "batch_size": args.batch_size or None},

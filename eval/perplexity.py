@@ -48,20 +48,17 @@ from core.files import sha256_of
 from core.runs import DEFAULT_EVAL_DATA, PERPLEXITY_JSON, PERPLEXITY_MD
 from core.tokens import context_prefix_id
 from eval.common import (
-    ALLOW_STOPPED_HELP,
     LoadedModel,
+    ModelOptions,
+    add_model_options,
     base_model_context,
-    default_out_dir,
     encode,
     fmt,
     library_versions,
-    load_for_eval,
     merged_adapter_context,
     model_device,
     model_line,
     read_texts,
-    refuse_stopped_run,
-    resolve_model_arg,
     script_main,
     utc_timestamp,
     write_results,
@@ -113,13 +110,10 @@ class Dataset:
 
 
 @dataclass
-class Options:
+class Options(ModelOptions):
     """What `python -m eval.perplexity` scores and how: its command-line options, typed (each
     field's flag is its name with dashes). `python -m eval` builds one directly."""
 
-    model: str | None = None
-    adapter: Path | None = None
-    allow_stopped: bool = False
     compare: bool = False
     data: list[Path] | None = None
     control: list[Path] = field(default_factory=list)
@@ -127,14 +121,8 @@ class Options:
     stride: int = 512
     batch_size: int = 8
     max_rows: int | None = None
-    load_in_4bit: bool = False
-    tokenizer: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
     padding_side: str = "right"
-    out: Path | None = None
     no_progress: bool = False
-    verbose: bool = False
 
 
 def parse_args(argv=None) -> Options:
@@ -142,10 +130,8 @@ def parse_args(argv=None) -> Options:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring (python -m pydoc eval.perplexity) for the metrics.",
     )
-    parser.add_argument("--model", help="base model directory or hub id "
-                        "(default: base_model_name_or_path of --adapter)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
-    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    add_model_options(parser, eos_help="override the tokenizer's EOS token",
+                      pad_help="override the pad token (batching only, never scored)")
     parser.add_argument("--compare", action="store_true",
                         help="score the base model too (adapter disabled), same tokens")
     parser.add_argument("--data", type=Path, action="append",
@@ -159,15 +145,8 @@ def parse_args(argv=None) -> Options:
     parser.add_argument("--batch-size", type=int, default=Options.batch_size,
                         help="windows per forward pass")
     parser.add_argument("--max-rows", type=int, help="use only the first N rows of each dataset")
-    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    parser.add_argument("--eos-token", help="override the tokenizer's EOS token")
-    parser.add_argument("--pad-token", help="override the pad token (batching only, never scored)")
     parser.add_argument("--padding-side", choices=("right", "left"), default=Options.padding_side)
-    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
-                        "outputs/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return Options(**vars(parser.parse_args(argv)))
 
 
@@ -397,13 +376,7 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     """Score, write OUT/perplexity.*; `loaded` reuses an already loaded tokenizer + model."""
     check_args(args)
     datasets = read_datasets(args.data or [DEFAULT_EVAL_DATA], args.control, args.max_rows)
-    refuse_stopped_run(args.adapter, args.allow_stopped)
-    model_ref, _ = resolve_model_arg(args.model, args.adapter)
-    out_dir = args.out or default_out_dir(args.adapter)
-
-    if loaded is None:
-        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
-                               args.eos_token, args.pad_token)
+    model_ref, out_dir, loaded = args.load(loaded)
     tok, model = loaded.tok, loaded.model
     prefix = context_prefix_id(tok)
     for ds in datasets:
@@ -432,7 +405,6 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
                             f"--batch-size {max(1, args.batch_size // 4)})") from None
 
     labels = [label for label, _ in passes]
-    param = next(model.parameters())
     result = {
         "schema_version": 1,
         "timestamp": utc_timestamp(),
@@ -441,8 +413,7 @@ def run(args: Options, loaded: LoadedModel | None = None) -> dict:
         "compare": bool(args.compare),
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
-            "torch."),
+        "dtype": loaded.dtype_name,
         "window": args.window,
         "stride": args.stride,
         "batch_size": args.batch_size,

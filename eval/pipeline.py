@@ -89,13 +89,14 @@ class Options:
     train: Path | None = None
     no_memorisation: bool = False
     prompt: list[str] | None = None
-    samples: int = 1
-    max_new_tokens: int = 60
-    seed: int = 0
-    gen_batch_size: int = 0
-    batch_size: int = 8
-    window: int = 1024
-    stride: int = 512
+    # the parts' own defaults (gen_batch_size is eval.generate's --batch-size)
+    samples: int = generate.Options.samples
+    max_new_tokens: int = generate.Options.max_new_tokens
+    seed: int = generate.Options.seed
+    gen_batch_size: int = generate.Options.batch_size
+    batch_size: int = perplexity.Options.batch_size
+    window: int = perplexity.Options.window
+    stride: int = perplexity.Options.stride
     max_rows: int | None = None
     tokenizer: str | None = None
     eos_token: str | None = None
