@@ -21,7 +21,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import REPO
 
@@ -101,7 +100,6 @@ def fresh_environment(root: Path, wheel: Path) -> Path:
     return python
 
 
-@pytest.mark.slow
 def test_the_wheel_ships_every_plugin_and_the_demo_recipe_validates(tmp_path):
     source = copy_of_the_checkout(tmp_path / "clone")
     dist = tmp_path / "dist"
