@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 # Versions come from pyproject.toml, their one source: $(call pin,NAME) is its NAME==VERSION.
-pin = $(shell sed -nE 's/.*"$(1)==([^";, ]+)".*/\1/p' pyproject.toml | head -n 1)
+pin = $(shell sed -nE 's/.*"$(1)(\[[^]]*\])?==([^";, ]+)".*/\2/p' pyproject.toml | head -n 1)
 # Laptops/CI without a GPU: point this at https://download.pytorch.org/whl/cpu to get the small
 # CPU build of torch instead of the multi-GB CUDA one (left empty by default: pip then installs
 # whatever torch of pyproject.toml's pin your package index or pip configuration resolves to).

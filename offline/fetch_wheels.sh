@@ -55,7 +55,7 @@ done
 ABI=cp${PYVER/./}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 pin() {  # pin NAME: the version pyproject.toml pins NAME to
-  sed -nE "s/.*\"$1==([^\";, ]+)\".*/\\1/p" "$HERE/pyproject.toml" | head -n 1
+  sed -nE "s/.*\"$1(\\[[^]]*\\])?==([^\";, ]+)\".*/\\2/p" "$HERE/pyproject.toml" | head -n 1
 }
 AXOLOTL=$(pin axolotl) MISTRAL_COMMON=$(pin mistral-common)
 [[ -n $AXOLOTL && -n $MISTRAL_COMMON ]] || { echo "error: $HERE/pyproject.toml pins no axolotl or mistral-common" >&2; exit 2; }
