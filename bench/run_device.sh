@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
-# bench/run_device.sh - the one command for a GPU box: install the wheels copied along, build a
-# random-init Mistral-7B, run the notebook baseline, the recipe and its variants under a time
-# budget, and leave the results in $OUT.
+# bench/run_device.sh - the benchmark's one command on a GPU box: install the wheels copied along
+# (offline/install.sh), build a random-init Mistral-7B, run the notebook baseline, the recipe and
+# its variants (under a time budget if BUDGET_S is set), and leave the results in $OUT.
 #
-# The GPU box needs Python 3.12 with a CUDA build of torch and transformers, tokenizers,
-# sentencepiece, safetensors, numpy, pandas, pyarrow, pyyaml (a typical CUDA/PyTorch image);
-# the rest comes as wheels. On a machine with this repository and PyPI access, prepare:
-#   .whl                      <- bash bench/fetch_gpu_wheels.sh .whl     (~24 MiB; read its header)
+# The GPU box needs a CUDA build of torch and the usual packages of a CUDA/PyTorch image; the
+# rest comes as wheels (offline/README.md: the way for a box without internet). On a machine
+# with this repository and PyPI access, prepare:
+#   .whl                      <- bash offline/fetch_wheels.sh .whl --python X.Y [--small]
 #   data/prepared             <- python -m data_prep --mode both
 #   models/mistral-tokenizer  <- python -m bench.build_random_mistral --tokenizer-only \
 #                                    --out models/mistral-tokenizer          (3.5 MB; the GPU
 #                                box needs no mistral_common package then)
 # copy the repository with those three folders to the GPU box (rsync, scp, a shared disk), and
 # there, from the repository root:
-#   OUT=/tmp/bench-out bash bench/run_device.sh       (ends itself by ~BUDGET_S + 20 s)
+#   OUT=/tmp/bench-out BUDGET_S=510 bash bench/run_device.sh   (ends itself by ~BUDGET_S + 20 s)
 # Without those folders it stops with one line saying which is missing and how to make it. With
 # the packages installed already (pip install -e . on the GPU box), set INSTALL_WHEELS=0.
 #
 # Environment knobs (all optional):
 #   VARIANTS=notebook,recipe,...  (default: bench/variants.py DEFAULT_VARIANTS)
 #   LANES="a,b|c,d"  run variant lists in parallel, list i on GPU i (replaces VARIANTS)
-#   BUDGET_S=510     seconds from this script's start by which the last run must end
+#   OUT=outputs/bench-<date>   where the results go
+#   BUDGET_S=SECONDS  from this script's start, by which the last run must end (default: none)
 #   GPUS=1           GPUs for the axolotl runs (torchrun, one process each)
 #   RECIPE=recipes/mistral-qlora.yml   WARMUP=3   STEPS=10
 #   TOKENIZER_DIR=models/mistral-tokenizer (falls back to models/tiny-mistral)
 #   MODEL_DIR=/tmp/mistral-7b-random   (kept if already built on this machine)
-#   WORK_DIR=/tmp/bench-runs   PYTHON=python3
+#   WORK_DIR=/tmp/bench-runs   PYTHON=python3   SITE=/tmp/site (where the wheels are installed)
 #   INSTALL_WHEELS=0 / BUILD_ARGS="--tiny --device cpu"   (CPU smoke test of this script)
 #   SETUP_ONLY=1     stop after installing the wheels and building the model
 #   TIME_TO_ADAPTER="recipes/mistral-qlora.yml,recipes/mistral-qlora.yml+key=yaml+key=yaml"
@@ -43,8 +44,8 @@
 set -uo pipefail
 
 T0=$(date +%s)
-BUDGET_S=${BUDGET_S:-510}
-OUT=${OUT:-/tmp/bench-out}
+BUDGET_S=${BUDGET_S:-}
+OUT=${OUT:-outputs/bench-$(date +%F)}
 MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-random}
 WORK_DIR=${WORK_DIR:-/tmp/bench-runs}
 PYTHON=${PYTHON:-python3}
@@ -63,7 +64,7 @@ for mode in clean seed; do
     "\`python -m data_prep --mode $mode\` where the repository has PyPI access and copy data/prepared"
 done
 [[ ${INSTALL_WHEELS:-1} == 0 ]] || compgen -G ".whl/*.whl" >/dev/null || fail ".whl/*.whl missing: run" \
-  "\`bash bench/fetch_gpu_wheels.sh .whl\` where there is PyPI access and copy .whl (or INSTALL_WHEELS=0)"
+  "\`bash offline/fetch_wheels.sh .whl --python X.Y\` where there is PyPI access and copy .whl (or INSTALL_WHEELS=0)"
 if [[ -z ${TOKENIZER_DIR:-} ]]; then
   TOKENIZER_DIR=models/mistral-tokenizer
   [[ -f $TOKENIZER_DIR/tokenizer.json || ! -f models/tiny-mistral/tokenizer.json ]] \
@@ -77,15 +78,13 @@ mkdir -p "$OUT" || fail "cannot create OUT=$OUT"
 
 # -- packages -----------------------------------------------------------------------------
 if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || die "pip install of .whl/*.whl failed"
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # axolotl, accelerate commands
-  # as `pip install` does by default: start-up timings must not include byte-compiling
-  [[ ${COMPILE_PYC:-0} == 1 ]] && "$PYTHON" -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
+  SITE=${SITE:-/tmp/site}
+  # COMPILE_PYC=1: byte-compiled as `pip install` does by default (start-up timings)
+  PYTHON=$PYTHON bash offline/install.sh .whl "$SITE" || die "installing .whl/*.whl failed (above)"
+  export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH  # axolotl, accelerate commands
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1 \
-  TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1
+# the runs themselves get the project's environment from the runners (core/launch.py)
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1
 
 {
   date -u +"%F %T UTC"; git rev-parse --short HEAD 2>/dev/null
@@ -149,8 +148,10 @@ fi
 run_variants() {  # $1 = variant list ('' = default), $2 = results, $3 = work dir, $4 = log
   local variants_arg=()
   [[ -n $1 ]] && variants_arg=(--variants "$1")
+  local deadline=()
+  [[ -n $BUDGET_S ]] && deadline=(--deadline-unix $(( T0 + BUDGET_S )))
   "$PYTHON" -m bench.train_throughput --model "$MODEL_DIR" --recipe "$RECIPE" "${variants_arg[@]}" \
-    --gpus "$GPUS" --warmup "$WARMUP" --steps "$STEPS" --deadline-unix $(( T0 + BUDGET_S )) \
+    --gpus "$GPUS" --warmup "$WARMUP" --steps "$STEPS" "${deadline[@]}" \
     --results "$2" --work-dir "$3" --log "$4" "${EXTRA_ARGS[@]}"
 }
 EXTRA_ARGS=("$@")

@@ -13,6 +13,7 @@
 #   WARMUP=3 STEPS=30      steps per run (30 measured steps cross an epoch boundary)
 # $OUT receives: env.txt, throughput.jsonl (every run's summary line), steps.jsonl (every step),
 # profiles.txt (BENCH_PROFILE_STEP), runs.log, adapters.json, summary.txt (the tables).
+# SCRATCH=/tmp/bench-multi holds each phase's own results, work and logs; SITE=/tmp/site the wheels.
 set -uo pipefail
 : "${OUT:?OUT must be set}"
 LANES=${LANES:-"notebook,recipe,previous_recipe|bnb_paged_adamw,default_dataloader"}
@@ -23,53 +24,57 @@ MULTI_GPUS=${MULTI_GPUS:-2}
 PHASE_B_S=${PHASE_B_S:-130}
 export WARMUP=${WARMUP:-3} STEPS=${STEPS:-30}
 export MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-random}
-# Multicast NVLink can take a shared host's GPUs out of service: keep it off everywhere.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# every run gets the project's environment, multicast NVLink off included (core/launch.py)
+SCRATCH=${SCRATCH:-/tmp/bench-multi}  # each phase's results, work and logs
+SITE=${SITE:-/tmp/site}
+mkdir -p "$SCRATCH" "$OUT"
 T0=$(date +%s)
 
-SETUP_ONLY=1 OUT=/tmp/out-setup bash bench/run_device.sh || exit 1
-cp /tmp/out-setup/env.txt "$OUT/env.txt"
-if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then export INSTALL_WHEELS=0 PYTHONPATH=/tmp/site; fi
+SETUP_ONLY=1 SITE=$SITE OUT=$SCRATCH/out-setup bash bench/run_device.sh || exit 1
+cp "$SCRATCH/out-setup/env.txt" "$OUT/env.txt"
+if [[ ${INSTALL_WHEELS:-1} != 0 ]]; then
+  export INSTALL_WHEELS=0 PYTHONPATH=$SITE PATH=$SITE/bin:$PATH
+fi
 echo "[multi] setup done after $(( $(date +%s) - T0 )) s"
 
 # a first guess of each run's cost for the time guard, until a run of its kind has finished
 ESTIMATES=(--estimate-s 90 110 60)
-LANES="$LANES" OUT=/tmp/out-lanes WORK_DIR=/tmp/runs-lanes BUDGET_S=$PHASE_A_S \
-  bash bench/run_device.sh "${ESTIMATES[@]}" > /tmp/lanes.stdout 2>&1
+LANES="$LANES" OUT=$SCRATCH/out-lanes WORK_DIR=$SCRATCH/runs-lanes BUDGET_S=$PHASE_A_S \
+  bash bench/run_device.sh "${ESTIMATES[@]}" > "$SCRATCH/lanes.stdout" 2>&1
 echo "[multi] phase A (lanes) done after $(( $(date +%s) - T0 )) s"
 
 if [[ -n $MULTI_VARIANTS ]]; then
-  LANES= VARIANTS=$MULTI_VARIANTS GPUS=$MULTI_GPUS RECIPE=$MULTI_RECIPE OUT=/tmp/out-multi \
-    WORK_DIR=/tmp/runs-multi BUDGET_S=$PHASE_B_S bash bench/run_device.sh "${ESTIMATES[@]}" \
-    > /tmp/multi.stdout 2>&1
+  LANES= VARIANTS=$MULTI_VARIANTS GPUS=$MULTI_GPUS RECIPE=$MULTI_RECIPE OUT=$SCRATCH/out-multi \
+    WORK_DIR=$SCRATCH/runs-multi BUDGET_S=$PHASE_B_S bash bench/run_device.sh "${ESTIMATES[@]}" \
+    > "$SCRATCH/multi.stdout" 2>&1
   echo "[multi] phase B ($MULTI_GPUS GPUs) done after $(( $(date +%s) - T0 )) s"
 fi
 
 # The adapter a data-parallel run saved must load in peft with the expected LoRA shapes.
-: > /tmp/adapters.jsonl
-for out_dir in /tmp/runs-multi/*/out; do  # the data-parallel run's adapter(s)
+: > "$SCRATCH/adapters.jsonl"
+for out_dir in "$SCRATCH"/runs-multi/*/out; do  # the data-parallel run's adapter(s)
   [[ -f $out_dir/adapter_config.json ]] || continue
-  python3 -m bench.check_adapter "$out_dir" --model "$MODEL_DIR" --out /tmp/adapter.json \
-    > /tmp/adapter.stdout 2>&1
-  python3 - "$out_dir" "$?" >> /tmp/adapters.jsonl <<'PY'
+  python3 -m bench.check_adapter "$out_dir" --model "$MODEL_DIR" --out "$SCRATCH/adapter.json" \
+    > "$SCRATCH/adapter.stdout" 2>&1
+  python3 - "$out_dir" "$?" "$SCRATCH/adapter.json" >> "$SCRATCH/adapters.jsonl" <<'PY'
 import json, sys
 from pathlib import Path
-path = Path("/tmp/adapter.json")
+path = Path(sys.argv[3])
 result = json.loads(path.read_text()) if path.is_file() else {}
 print(json.dumps({"run": sys.argv[1], "exit": int(sys.argv[2]), **result}))
 PY
-  rm -f /tmp/adapter.json
+  rm -f "$SCRATCH/adapter.json"
 done
-python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open('/tmp/adapters.jsonl')], indent=1))" \
-  > "$OUT/adapters.json"
+python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
+  "$SCRATCH/adapters.jsonl" > "$OUT/adapters.json"
 
 for part in lanes multi; do
-  [[ -d /tmp/out-$part ]] || continue
-  cat /tmp/out-$part/throughput.jsonl >> "$OUT/throughput.jsonl" 2>/dev/null
-  cat /tmp/out-$part/steps.jsonl >> "$OUT/steps.jsonl" 2>/dev/null
-  cat /tmp/out-$part/profiles.txt >> "$OUT/profiles.txt" 2>/dev/null
-  cat /tmp/out-$part/runs.log >> "$OUT/runs.log" 2>/dev/null
-  { echo "===== $part"; tail -n 20 /tmp/$part.stdout; } >> "$OUT/summary.txt"
+  [[ -d $SCRATCH/out-$part ]] || continue
+  cat "$SCRATCH/out-$part"/throughput.jsonl >> "$OUT/throughput.jsonl" 2>/dev/null
+  cat "$SCRATCH/out-$part"/steps.jsonl >> "$OUT/steps.jsonl" 2>/dev/null
+  cat "$SCRATCH/out-$part"/profiles.txt >> "$OUT/profiles.txt" 2>/dev/null
+  cat "$SCRATCH/out-$part"/runs.log >> "$OUT/runs.log" 2>/dev/null
+  { echo "===== $part"; tail -n 20 "$SCRATCH/$part.stdout"; } >> "$OUT/summary.txt"
 done
 python3 -m bench.train_throughput --table "$OUT/throughput.jsonl" | tee -a "$OUT/summary.txt"
-echo "[multi] done in $(( $(date +%s) - T0 )) s; adapters: $(grep -c '"exit": 0' /tmp/adapters.jsonl) loaded ok of $(wc -l < /tmp/adapters.jsonl)"
+echo "[multi] done in $(( $(date +%s) - T0 )) s; adapters: $(grep -c '"exit": 0' "$SCRATCH/adapters.jsonl") loaded ok of $(wc -l < "$SCRATCH/adapters.jsonl")"

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,10 +28,10 @@ from pathlib import Path
 from bench.timeline import ENV_TIMELINE, breakdown
 from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
 from core.files import append_jsonl, read_jsonl
+from core.launch import axolotl_command, environment, run_logged
 from core.runs import load_recipe, parse_overrides, write_recipe
 from core.runs import merge_config as merge
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = "bench.timeline.TimelinePlugin"
 ADAPTER_FILE = "adapter_model.safetensors"
 NO_REMOTE_LOGGING = dict.fromkeys(("wandb_project", "wandb_entity", "wandb_name",
@@ -55,9 +52,8 @@ def run_config(recipe: dict, model: Path, run_dir: Path, sets: dict) -> dict:
 
 def command(config: Path, launcher: str) -> list[str]:
     """The user's command; `python` runs the same training in one process (no accelerate)."""
-    axolotl = shutil.which("axolotl") or str(Path(sys.executable).parent / "axolotl")
-    return [axolotl, "train", str(config)] + (["--launcher", "python"] if launcher == "python"
-                                              else [])
+    extra = ["--launcher", "python"] if launcher == "python" else []
+    return axolotl_command("train", config, *extra, launcher="axolotl")
 
 
 def losses(out_dir: Path) -> dict:
@@ -79,17 +75,12 @@ def run(args, recipe: dict, sets: dict) -> dict:
     run_dir.mkdir(parents=True)
     config = write_recipe(run_config(recipe, args.model, run_dir, sets), run_dir / "config.yml")
     timeline = run_dir / "timeline.jsonl"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", **{ENV_TIMELINE: str(timeline)})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env = environment(**{ENV_TIMELINE: str(timeline)})
     argv = command(config, args.launcher)
     print(f"[time_to_adapter] {args.label}: $ {' '.join(argv)}", flush=True)
     log_path = run_dir / "log.txt"
     launched = time.time()
-    with log_path.open("w") as log:
-        returncode = subprocess.call(argv, cwd=REPO_ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+    returncode, _ = run_logged(argv, log_path, env)
     finished = time.time()
     adapter = run_dir / "out" / ADAPTER_FILE
     events = read_jsonl(timeline, skip_bad_lines=True) if timeline.is_file() else []

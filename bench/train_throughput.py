@@ -38,9 +38,7 @@ import contextlib
 import json
 import math
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -51,6 +49,7 @@ from bench.flops import H100_MEASURED_MATMUL_FLOPS, H100_PEAK_BF16_FLOPS, utilis
 from bench.variants import DEFAULT_VARIANTS, LORA_KERNELS, VARIANTS, expand_overrides
 from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
 from core.files import append_jsonl, read_jsonl
+from core.launch import CODE_ROOT, axolotl_command, environment, run_logged
 from core.runs import (
     EVAL_SUBDIR,
     PERPLEXITY_JSON,
@@ -60,16 +59,13 @@ from core.runs import (
 )
 from core.runs import merge_config as merge
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = CODE_ROOT
 PLUGIN = "bench.axolotl_plugin.ThroughputPlugin"
 DEFAULT_RECIPE = Path("recipes/mistral-qlora.yml")
 DEFAULT_RESULTS = Path("bench/results/throughput.jsonl")
 DEFAULT_ESTIMATE_S = (120.0, 150.0, 90.0)  # notebook, axolotl, eval runs (s)
 UNSLOTH_ESTIMATE_S = 180.0  # an Unsloth run before one has finished (it compiles its layers)
 KILL_GRACE_S = 10
-# Multicast NVLink can take a shared host's GPUs out of service: keep it off everywhere.
-SAFE_MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                      "NVSHMEM_DISABLE_NVLS": "1"}
 # Keys that would save, evaluate, resume, log remotely or stop early: off for benchmarks.
 REMOVED_KEYS = ("save_steps", "saves_per_epoch", "save_total_limit", "save_first_step",
                 "eval_steps", "evals_per_epoch", "test_datasets", "do_bench_eval",
@@ -126,52 +122,20 @@ def axolotl_config(recipe: dict, overrides: dict, *, model_dir: Path, run_dir: P
 # Running
 
 
-def subprocess_env(label: str, steps_path: Path, threads: int | None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env.update(HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", BENCH_LABEL=label, **SAFE_MULTI_GPU_ENV)
-    env[ENV_STEPS_PATH] = str(steps_path)
+def subprocess_env(label: str, steps_path: Path, threads: int | None, processes: int = 1) -> dict:
+    """The project's environment for Axolotl's commands (core/launch.py), with the run's label
+    and where its step records go."""
+    env = environment(processes=processes, BENCH_LABEL=label,
+                      **{ENV_STEPS_PATH: str(steps_path)})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
-def launch_prefix(gpus: int, launcher: str, sharded: bool = False) -> list[str]:
-    if gpus <= 1 and not sharded:  # FSDP/DeepSpeed need a launcher even for one process
-        return [sys.executable, "-m"]
-    if launcher == "accelerate":
-        # as `axolotl train --launcher accelerate` does: no accelerate config, axolotl sets it up
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-                str(gpus), "-m"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(gpus), "-m"]
-
-
 def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float) -> tuple[int, bool]:
     """Run in its own session (so a timeout kills launcher and workers); (returncode, timed_out)."""
-    with log_path.open("w") as log:
-        log.write("$ " + " ".join(argv) + "\n")
-        log.flush()
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=max(timeout_s, 1)), False
-        except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            proc.wait()
-            return proc.returncode, True
+    log_path.write_text("$ " + " ".join(argv) + "\n")
+    return run_logged(argv, log_path, env, timeout_s=timeout_s, grace_s=KILL_GRACE_S, mode="a")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +350,9 @@ def command_for(name: str, args, recipe: dict, sets: dict, run_dir: Path) -> tup
                          max_steps=max_steps, cpu=args.cpu, sets=sets)
     config_path = write_recipe(cfg, run_dir / "config.yml")
     sharded = bool(cfg.get("fsdp_config") or cfg.get("deepspeed"))
-    argv = [*launch_prefix(args.gpus, args.launcher, sharded), "axolotl.cli.train",
-            str(config_path)]
+    # one process runs without a launcher; FSDP/DeepSpeed need one even for one process
+    launcher = "python" if args.gpus <= 1 and not sharded else args.launcher
+    argv = axolotl_command("train", config_path, launcher=launcher, processes=args.gpus)
     return argv, {"recipe": variant.get("recipe") or str(args.recipe),
                   "overrides": variant.get("overrides", {}), "sets": sets}
 
@@ -414,7 +379,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
     for old in run_dir.glob("steps.rank*.jsonl"):
         old.unlink()
     argv, fields = command_for(name, args, recipe, sets, run_dir)
-    env = subprocess_env(name, steps_path, args.threads)
+    env = subprocess_env(name, steps_path, args.threads, args.gpus if kind == "axolotl" else 1)
     profiled = os.environ.get("BENCH_PROFILE_VARIANTS")
     if profiled and name not in profiled.split(","):  # the profiler slows the rest of a run
         env.pop("BENCH_PROFILE_STEP", None)
@@ -444,7 +409,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
             "log": str(log_path), "returncode": returncode}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model directory (bench.build_random_mistral)")
@@ -487,43 +452,12 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, default=None, help="print the table of a results "
                         "file and exit")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.list:
-        for name, variant in VARIANTS.items():
-            mark = "*" if name in DEFAULT_VARIANTS else " "
-            print(f"{mark} {name:15s} {variant['kind']:8s} {variant['about']}")
-        print("* = default selection")
-        return 0
-    if args.table:
-        if not args.table.is_file():
-            raise UserError(f"--table {args.table}: no such file")
-        results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
-        print(format_table(results))
-        return 0
-    # runs start in the repo root: make every path the user gave absolute first
-    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter",
-                 "unsloth_train"):
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).resolve())
-    args.eval_data = [path.resolve() for path in args.eval_data]
-    if args.notebook_eval:
-        args.notebook_eval = str(Path(args.notebook_eval).resolve())
-    if args.model is None or not (args.model / "config.json").is_file():
-        raise UserError(f"--model {args.model}: no config.json there; build one with "
-                         "`python -m bench.build_random_mistral --out DIR`")
-    names = plan_variants(args.variants)
-    kinds = {VARIANTS[n]["kind"] for n in names}
-    recipe = {}
-    if "axolotl" in kinds:
-        if not args.recipe.is_file():
-            raise UserError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
-        recipe = load_recipe(args.recipe)
-    if "notebook" in kinds and not args.notebook_train.is_file():
-        raise UserError(f"--notebook-train {args.notebook_train}: not found; run "
-                         "`python -m data_prep --mode seed`")
-    sets = parse_overrides(args.sets)
 
+def run_all(names: list[str], args, recipe: dict, sets: dict) -> tuple[list[dict], Path]:
+    """Every variant in turn under the time guard, each result appended to --results as it
+    comes; (the results, the combined log)."""
     started = time.time()
     if args.deadline_unix is not None:
         deadline = args.deadline_unix
@@ -570,6 +504,48 @@ def main(argv=None) -> int:
               + (f" in {result['wall_s']:.0f} s" if "wall_s" in result else "") + figures,
               flush=True)
 
+    return results, combined_log
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    if args.list:
+        for name, variant in VARIANTS.items():
+            mark = "*" if name in DEFAULT_VARIANTS else " "
+            print(f"{mark} {name:15s} {variant['kind']:8s} {variant['about']}")
+        print("* = default selection")
+        return 0
+    if args.table:
+        if not args.table.is_file():
+            raise UserError(f"--table {args.table}: no such file")
+        results = [json.loads(line) for line in args.table.read_text().splitlines() if line]
+        print(format_table(results))
+        return 0
+    # runs start in the repo root: make every path the user gave absolute first
+    for name in ("model", "work_dir", "results", "log", "notebook_train", "eval_adapter",
+                 "unsloth_train"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    args.eval_data = [path.resolve() for path in args.eval_data]
+    if args.notebook_eval:
+        args.notebook_eval = str(Path(args.notebook_eval).resolve())
+    if args.model is None or not (args.model / "config.json").is_file():
+        raise UserError(f"--model {args.model}: no config.json there; build one with "
+                         "`python -m bench.build_random_mistral --out DIR`")
+    names = plan_variants(args.variants)
+    kinds = {VARIANTS[n]["kind"] for n in names}
+    recipe = {}
+    if "axolotl" in kinds:
+        if not args.recipe.is_file():
+            raise UserError(f"--recipe {args.recipe}: not found (axolotl variants need it)")
+        recipe = load_recipe(args.recipe)
+    if "notebook" in kinds and not args.notebook_train.is_file():
+        raise UserError(f"--notebook-train {args.notebook_train}: not found; run "
+                         "`python -m data_prep --mode seed`")
+    sets = parse_overrides(args.sets)
+
+    results, combined_log = run_all(names, args, recipe, sets)
     print(f"\n[bench] results appended to {args.results}; logs in {combined_log}")
     print(format_table(results))
     return EXIT_OK if all(r["status"] == "ok" or r["status"].startswith("skipped")

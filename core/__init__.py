@@ -10,7 +10,13 @@
                  the llama.cpp server): a port in use is one line
 - `core.tokens`  how a text starts: the token put before it (EOS where the tokenizer adds no
                  BOS) in scoring, generation, the GGUF check and `integrations.passage_start`
+- `core.launch`  the one way to launch Axolotl's commands (train, merge-lora, preprocess) and
+                 the one environment they run in; a launched command stopped with its processes
+- `core.pins`    the versions pyproject.toml pins, for code that names one
+- `core.diagnostics`  one-line messages for hub refusals, CUDA out of memory and a driver too
+                 old, shared by training (the recipe guard) and evaluation
 
 It imports nothing of the project (only the standard library and PyYAML), so anything may
-import it and nothing here depends on Axolotl, torch or transformers.
+import it; torch and huggingface_hub are imported only inside `core.diagnostics`' functions,
+and nothing here depends on Axolotl or transformers.
 """

@@ -5,7 +5,8 @@ outputs go, under which names.
 
     run.base_model         its `base_model`
     run.train_data         the first `datasets` path       (default data/prepared/clean/train.jsonl)
-    run.eval_data          the first `test_datasets` path  (default data/prepared/clean/eval.jsonl)
+    run.eval_data          the first `test_datasets` path  (default data/prepared/clean/eval.jsonl;
+                           CONTROL_TEXT, eval/control_passage.txt, is scored beside it)
     run.load_in_4bit, run.eos_token, run.pad_token          (`load_in_4bit`, `special_tokens`)
     run.output_dir         its `output_dir`: the adapter, checkpoint-N/, runs/ (TensorBoard)
     run.eval_dir           output_dir/eval/: perplexity.{json,md}, generations.{json,md},
@@ -64,6 +65,8 @@ STOPPED_EARLY_JSON = "stopped_early.json"
 # -- data a recipe is trained and scored on when it names none --------------------------------
 DEFAULT_TRAIN_DATA = Path("data/prepared/clean/train.jsonl")
 DEFAULT_EVAL_DATA = Path("data/prepared/clean/eval.jsonl")
+# the text every evaluation also scores, to see what training did to other prose (eval/ ships it)
+CONTROL_TEXT = Path(__file__).resolve().parents[1] / "eval" / "control_passage.txt"
 
 # -- metric keys of the eval outputs -----------------------------------------------------------
 BASE, ADAPTER = "base", "adapter"  # the models scored (perplexity.json "models")

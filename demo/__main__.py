@@ -32,9 +32,10 @@ from pathlib import Path
 
 from core.errors import EXIT_FAILED, UserError, cli
 from core.files import write_json
+from core.launch import CODE_ROOT, axolotl_command, environment
 from core.runs import CONTROL_CORPUS_PPL, HELD_OUT_CORPUS_PPL, Run, load_recipe, write_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = CODE_ROOT
 DEFAULT_RECIPE = Path("recipes/smollm2-demo-cpu.yml")
 STEPS = 4
 SUMMARY_JSON = "demo_summary.json"
@@ -84,15 +85,10 @@ def effective_recipe(recipe: Path, output_dir: Path | None, max_steps: int | Non
 
 def train(recipe: Path) -> float:
     """`axolotl train recipe` as a subprocess (its progress bar streams through); wall seconds."""
-    axolotl = Path(sys.executable).with_name("axolotl")
-    env = os.environ.copy()
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["AXOLOTL_DO_NOT_TRACK"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
-    env["PATH"] = f"{axolotl.parent}{os.pathsep}{env.get('PATH', '')}"  # accelerate
     print(f"$ axolotl train {recipe}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run([str(axolotl), "train", str(recipe)], cwd=REPO, env=env)
+    proc = subprocess.run(axolotl_command("train", recipe, launcher="axolotl"), cwd=REPO,
+                          env=environment())
     if proc.returncode != 0:
         print(f"demo: error: axolotl train {recipe} failed (exit {proc.returncode}); see above",
               file=sys.stderr)
@@ -181,13 +177,13 @@ def run_demo(recipe: Path = DEFAULT_RECIPE, output_dir: Path | None = None,
     train_seconds = train(run_recipe)
 
     banner(4, f"evaluation: python -m eval {run_recipe} (perplexity, generations, report)")
-    from eval.pipeline import evaluate
+    from eval.pipeline import Options, evaluate_run
 
-    options = ["--no-progress", "--max-new-tokens", str(max_new_tokens)]
-    if max_eval_rows:
-        options += ["--max-rows", str(max_eval_rows)]
-    print(f"$ python -m eval {run_recipe} {' '.join(options)}", flush=True)
-    evaluation = evaluate(run_recipe, *options)
+    rows = f" --max-rows {max_eval_rows}" if max_eval_rows else ""
+    print(f"$ python -m eval {run_recipe} --no-progress --max-new-tokens {max_new_tokens}{rows}",
+          flush=True)
+    evaluation = evaluate_run(Options(run_recipe, no_progress=True, max_new_tokens=max_new_tokens,
+                                      max_rows=max_eval_rows or None))
 
     summary = summarise(run, Path(recipe), evaluation, train_seconds,
                         time.perf_counter() - start)

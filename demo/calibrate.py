@@ -117,7 +117,7 @@ VARIANTS: dict[str, dict] = {
                                                           **MLP_ONLY, **PASSAGE_START),
     "r16-lr2e-3-100steps-mb3-mlp-only-passage-start": lora(16, 0.002, 100, micro_batch_size=3,
                                                            **MLP_ONLY, **PASSAGE_START),
-    # the recipe since the GPU sweep (bench/demo_sweep.py): rank 128 on the MLPs, one
+    # the recipe since the GPU sweep (demo/sweep.py): rank 128 on the MLPs, one
     # 1024-token bin a step
     "r128-mlp-only-lr7e-4-120x1024": lora(128, 0.0007, 120, micro_batch_size=1, warmup_steps=6,
                                           sequence_len=1024, **MLP_ONLY),

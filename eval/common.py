@@ -17,15 +17,16 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
+from core.diagnostics import cuda_unavailable_problem, load_problem
 from core.errors import UserError, cli, first_line
 from core.files import os_reason, read_text_rows, write_files
 from core.runs import EVAL_SUBDIR, refuse_stopped
 from core.tokens import context_prefix_id
-from eval.errors import cuda_unavailable_problem, load_problem
 
 LOG = logging.getLogger("eval")
 
@@ -134,6 +135,48 @@ ALLOW_STOPPED_HELP = ("use a run that training stopped early anyway (the loss wa
                       "NaN/inf stop; its output_dir holds stopped_early.json)")
 
 
+@dataclasses.dataclass
+class ModelOptions:
+    """The options the eval scripts share, typed (each field's flag is its name with dashes):
+    which model and adapter, how they are loaded, where the outputs go."""
+
+    model: str | None = None
+    adapter: Path | None = None
+    allow_stopped: bool = False
+    load_in_4bit: bool = False
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    out: Path | None = None
+    verbose: bool = False
+
+    def load(self, loaded: LoadedModel | None = None) -> tuple[str, Path, LoadedModel]:
+        """(model reference, output folder, tokenizer + model): a run that training stopped
+        early is refused first; `loaded` is a model already loaded for these options."""
+        refuse_stopped_run(self.adapter, self.allow_stopped)
+        model_ref, _ = resolve_model_arg(self.model, self.adapter)
+        out_dir = self.out or default_out_dir(self.adapter)
+        if loaded is None:
+            loaded = load_for_eval(model_ref, self.adapter, self.load_in_4bit, self.tokenizer,
+                                   self.eos_token, self.pad_token)
+        return model_ref, out_dir, loaded
+
+
+def add_model_options(parser, eos_help: str, pad_help: str) -> None:
+    """The flags of ModelOptions on an eval script's parser."""
+    parser.add_argument("--model", help="base model directory or hub id "
+                        "(default: base_model_name_or_path of --adapter)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
+    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--eos-token", help=eos_help)
+    parser.add_argument("--pad-token", help=pad_help)
+    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
+                        "outputs/eval)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
 def refuse_stopped_run(run_dir: Path | None, allow: bool) -> None:
     """One line and stop when `run_dir` is a run that training stopped early (core/runs.py),
     unless `allow` (--allow-stopped)."""
@@ -220,6 +263,25 @@ def write_error(out_dir: Path, err: OSError) -> UserError:
                      "earlier outputs there are left as they were")
 
 
+def command_line(module: str, options) -> str:
+    """`python -m MODULE ...` that parses back to `options`, a dataclass whose fields are the
+    command's options named as its flags (`max_rows` is --max-rows): a true boolean is its flag,
+    a list its option repeated, None and false are left out."""
+    argv = ["python", "-m", module]
+    for item in dataclasses.fields(options):
+        value, flag = getattr(options, item.name), "--" + item.name.replace("_", "-")
+        if value is None or value is False or item.name == "verbose":
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            for entry in value:
+                argv += [flag, str(entry)]
+        else:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
 def utc_timestamp() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -245,19 +307,24 @@ def md_escape(text: str) -> str:
 # --------------------------------------------------------------------------- models
 
 
-def resolve_device(load_in_4bit: bool = False):
-    """(device, dtype): bf16 on CUDA, fp32 on CPU; 4-bit nf4 needs CUDA."""
+class NoCudaGpu(UserError):
+    """4-bit loading where this machine has no CUDA GPU at all (not one whose CUDA cannot
+    start): the caller may say how to evaluate on the CPU instead."""
+
+
+def resolve_device(load_in_4bit: bool = False, fp32: bool = False):
+    """(device, dtype): bf16 on CUDA (fp32 there too with `fp32`), fp32 on CPU; 4-bit nf4 needs
+    CUDA."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda"), torch.float32 if fp32 else torch.bfloat16
     problem = cuda_unavailable_problem()  # a GPU is there but CUDA cannot start (old driver)
+    if load_in_4bit and problem:
+        raise UserError(f"--load-in-4bit needs CUDA, and {problem}")
     if load_in_4bit:
-        raise UserError(
-            f"--load-in-4bit needs CUDA, and {problem}" if problem else
-            "--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to evaluate in "
-            "fp32 on this CPU"
-        )
+        raise NoCudaGpu("--load-in-4bit needs a CUDA GPU (bitsandbytes nf4): drop the flag to "
+                        "evaluate in fp32 on this CPU")
     if problem:
         LOG.warning("evaluating on the CPU in fp32 (slow): %s", problem)
     return torch.device("cpu"), torch.float32
@@ -309,9 +376,10 @@ def encode(tok, texts: list[str]) -> tuple[list[list[int]], int | None]:
     return ids, prefix
 
 
-def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False):
+def load_model(model: str, adapter: Path | None = None, load_in_4bit: bool = False,
+               fp32: bool = False):
     """Base model on the eval device, with the LoRA adapter on top when given (eval mode)."""
-    device, dtype = resolve_device(load_in_4bit)
+    device, dtype = resolve_device(load_in_4bit, fp32)
     import torch  # noqa: F401 - imported for its side effects on transformers' device checks
     from transformers import AutoModelForCausalLM
 
@@ -450,18 +518,26 @@ class LoadedModel:
     model: object
     seconds: float
 
+    @property
+    def dtype_name(self) -> str:
+        """How the weights are held, as the results record it ("nf4 (bnb 4-bit)", "float32")."""
+        if self.load_in_4bit:
+            return "nf4 (bnb 4-bit)"
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def load_for_eval(model_ref: str, adapter: Path | None, load_in_4bit: bool = False,
                   tokenizer: str | None = None, eos_token: str | None = None,
-                  pad_token: str | None = None) -> LoadedModel:
-    """Tokenizer + model as every eval script loads them, timed."""
+                  pad_token: str | None = None, fp32: bool = False) -> LoadedModel:
+    """Tokenizer + model as every eval script loads them, timed (`fp32`: in fp32 on a GPU too,
+    as on a CPU)."""
     import time
 
     quiet_library_logs()
     resolve_device(load_in_4bit)  # --load-in-4bit without CUDA fails before any loading
     start = time.perf_counter()
     tok = load_tokenizer(model_ref, tokenizer, eos_token, pad_token)
-    model = load_model(model_ref, adapter, load_in_4bit=load_in_4bit)
+    model = load_model(model_ref, adapter, load_in_4bit=load_in_4bit, fp32=fp32)
     seconds = time.perf_counter() - start
     LOG.info("loaded %s%s%s in %.1f s", model_ref, f" + {adapter}" if adapter else "",
              " (4-bit)" if load_in_4bit else "", seconds)

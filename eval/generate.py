@@ -44,25 +44,23 @@ import logging
 import re
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
 from core.files import sha256_of
 from core.runs import DEFAULT_TRAIN_DATA, GENERATIONS_JSON, GENERATIONS_MD
 from eval.common import (
-    ALLOW_STOPPED_HELP,
     LoadedModel,
+    ModelOptions,
+    add_model_options,
     base_model_context,
-    default_out_dir,
     encode,
     library_versions,
-    load_for_eval,
     md_escape,
     model_device,
     model_line,
     read_texts,
-    refuse_stopped_run,
-    resolve_model_arg,
     script_main,
     utc_timestamp,
     write_results,
@@ -123,21 +121,37 @@ def prompt_variants(prompts: list[str]) -> list[tuple[str, str]]:
     return variants
 
 
-def parse_args(argv=None):
+@dataclass
+class Options(ModelOptions):
+    """What `python -m eval.generate` generates and how: its command-line options, typed (each
+    field's flag is its name with dashes; the repeatable --prompt last). `python -m eval` builds
+    one directly."""
+
+    max_new_tokens: int = 60
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    samples: int = 1
+    batch_size: int = 0
+    train: Path | None = DEFAULT_TRAIN_DATA
+    no_memorisation: bool = False
+    prompt: list[str] | None = None
+
+
+def parse_args(argv=None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="base model directory or hub id "
-                        "(default: base_model_name_or_path of --adapter)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
-    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    add_model_options(parser, eos_help="override the tokenizer's EOS (generation stops there)",
+                      pad_help="override the pad token")
     parser.add_argument("--prompt", action="append",
                         help="prompt, repeatable (default: a built-in list incl. the notebook's)")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample")
-    parser.add_argument("--samples", type=int, default=1, help="sampled generations per prompt")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=Options.temperature)
+    parser.add_argument("--top-p", type=float, default=Options.top_p)
+    parser.add_argument("--seed", type=int, default=Options.seed, help="seed of the first sample")
+    parser.add_argument("--samples", type=int, default=Options.samples,
+                        help="sampled generations per prompt")
+    parser.add_argument("--batch-size", type=int, default=Options.batch_size,
                         help=f"rows per generate() call (default 0: all generations of a model "
                         f"at once, up to {MAX_BATCH})")
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN_DATA,
@@ -145,17 +159,10 @@ def parse_args(argv=None):
                         f"{DEFAULT_TRAIN_DATA})")
     parser.add_argument("--no-memorisation", action="store_true",
                         help="skip the memorisation check (no --train needed)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    parser.add_argument("--eos-token", help="override the tokenizer's EOS (generation stops there)")
-    parser.add_argument("--pad-token", help="override the pad token")
-    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
-                        "outputs/eval)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return Options(**vars(parser.parse_args(argv)))
 
 
-def check_args(args) -> None:
+def check_args(args: Options) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature <= 0:
@@ -354,7 +361,17 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f} %"
 
 
-def run(args, loaded: LoadedModel | None = None) -> dict:
+def mean_shares(records: list[dict], labels: list[str]) -> dict:
+    """Each model's mean copied share over its generations that have one."""
+    mean_share = {}
+    for label in labels:
+        shares = [r["memorisation"]["share"] for r in records if r["model"] == label
+                  and r["memorisation"] and r["memorisation"]["share"] is not None]
+        mean_share[label] = sum(shares) / len(shares) if shares else None
+    return mean_share
+
+
+def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     """Generate, check memorisation, write OUT/generations.*; `loaded` reuses a loaded model."""
     check_args(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -366,13 +383,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
         index = TrainingIndex(read_texts(args.train, what="training text"))
         LOG.info("memorisation index: %d words, %d distinct %d-grams from %s",
                  index.n_words, len(index.ngrams), NGRAM, args.train)
-    refuse_stopped_run(args.adapter, args.allow_stopped)
-    model_ref, _ = resolve_model_arg(args.model, args.adapter)
-    out_dir = args.out or default_out_dir(args.adapter)
-
-    if loaded is None:
-        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
-                               args.eos_token, args.pad_token)
+    model_ref, out_dir, loaded = args.load(loaded)
     tok, model = loaded.tok, loaded.model
     labels = ["base", "adapter"] if args.adapter else ["base"]
     seeds = [None] + [args.seed + i for i in range(args.samples)]
@@ -405,12 +416,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
     order = {label: i for i, label in enumerate(labels)}
     records.sort(key=lambda r: (variants.index((r["prompt"], r["prompt_variant"])),
                                 seeds.index(r["seed"]), order[r["model"]]))
-    mean_share = {}
-    for label in labels:
-        shares = [r["memorisation"]["share"] for r in records if r["model"] == label
-                  and r["memorisation"] and r["memorisation"]["share"] is not None]
-        mean_share[label] = sum(shares) / len(shares) if shares else None
-    param = next(model.parameters())
+    mean_share = mean_shares(records, labels)
     result = {
         "schema_version": 2,
         "timestamp": utc_timestamp(),
@@ -418,8 +424,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
         "adapter": str(args.adapter) if args.adapter else None,
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
-            "torch."),
+        "dtype": loaded.dtype_name,
         "settings": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": args.top_p, "seed": args.seed, "samples": args.samples,
                      "eos_token": tok.eos_token, "batch_size": args.batch_size or None},

@@ -48,20 +48,17 @@ from core.files import sha256_of
 from core.runs import DEFAULT_EVAL_DATA, PERPLEXITY_JSON, PERPLEXITY_MD
 from core.tokens import context_prefix_id
 from eval.common import (
-    ALLOW_STOPPED_HELP,
     LoadedModel,
+    ModelOptions,
+    add_model_options,
     base_model_context,
-    default_out_dir,
     encode,
     fmt,
     library_versions,
-    load_for_eval,
     merged_adapter_context,
     model_device,
     model_line,
     read_texts,
-    refuse_stopped_run,
-    resolve_model_arg,
     script_main,
     utc_timestamp,
     write_results,
@@ -112,38 +109,48 @@ class Dataset:
         return STREAM_JOINER.join(self.rows)
 
 
-def parse_args(argv=None):
+@dataclass
+class Options(ModelOptions):
+    """What `python -m eval.perplexity` scores and how: its command-line options, typed (each
+    field's flag is its name with dashes). `python -m eval` builds one directly."""
+
+    compare: bool = False
+    data: list[Path] | None = None
+    control: list[Path] = field(default_factory=list)
+    window: int = 1024
+    stride: int = 512
+    batch_size: int = 8
+    max_rows: int | None = None
+    padding_side: str = "right"
+    no_progress: bool = False
+
+
+def parse_args(argv=None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring (python -m pydoc eval.perplexity) for the metrics.",
     )
-    parser.add_argument("--model", help="base model directory or hub id "
-                        "(default: base_model_name_or_path of --adapter)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter directory (axolotl output_dir)")
-    parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
+    add_model_options(parser, eos_help="override the tokenizer's EOS token",
+                      pad_help="override the pad token (batching only, never scored)")
     parser.add_argument("--compare", action="store_true",
                         help="score the base model too (adapter disabled), same tokens")
     parser.add_argument("--data", type=Path, action="append",
                         help=f"held-out dataset, repeatable (default {DEFAULT_EVAL_DATA})")
     parser.add_argument("--control", type=Path, action="append", default=[],
                         help="control dataset (JSONL or plain text), repeatable")
-    parser.add_argument("--window", type=int, default=1024, help="tokens per scoring window")
-    parser.add_argument("--stride", type=int, default=512, help="tokens the window moves by")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--window", type=int, default=Options.window,
+                        help="tokens per scoring window")
+    parser.add_argument("--stride", type=int, default=Options.stride,
+                        help="tokens the window moves by")
+    parser.add_argument("--batch-size", type=int, default=Options.batch_size,
+                        help="windows per forward pass")
     parser.add_argument("--max-rows", type=int, help="use only the first N rows of each dataset")
-    parser.add_argument("--load-in-4bit", action="store_true", help="nf4 base weights (CUDA)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    parser.add_argument("--eos-token", help="override the tokenizer's EOS token")
-    parser.add_argument("--pad-token", help="override the pad token (batching only, never scored)")
-    parser.add_argument("--padding-side", choices=("right", "left"), default="right")
-    parser.add_argument("--out", type=Path, help="output directory (default ADAPTER/eval or "
-                        "outputs/eval)")
+    parser.add_argument("--padding-side", choices=("right", "left"), default=Options.padding_side)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return Options(**vars(parser.parse_args(argv)))
 
 
-def check_args(args) -> None:
+def check_args(args: Options) -> None:
     if args.compare and args.adapter is None:
         raise UserError("--compare needs --adapter DIR (it compares the base with base+adapter)")
     if args.window < 2:
@@ -257,7 +264,7 @@ def score_stream(model, ids: list[int], *, window: int, stride: int, batch_size:
     return [x for values in nll for x in values], stats
 
 
-def score_model(model, datasets: list[Dataset], args, label: str, pad_id: int):
+def score_model(model, datasets: list[Dataset], args: Options, label: str, pad_id: int):
     """Metrics of one model on every dataset, plus throughput."""
     per_dataset, seconds, input_tokens = {}, 0.0, 0
     common = {"window": args.window, "stride": args.stride, "batch_size": args.batch_size,
@@ -286,7 +293,7 @@ def score_model(model, datasets: list[Dataset], args, label: str, pad_id: int):
     return per_dataset, throughput
 
 
-def dataset_summary(ds: Dataset, args) -> dict:
+def dataset_summary(ds: Dataset, args: Options) -> dict:
     n_rows_scored = sum(1 for ids in ds.row_ids if len(ids) > 1)
     return {
         "name": ds.name,
@@ -365,17 +372,11 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args, loaded: LoadedModel | None = None) -> dict:
+def run(args: Options, loaded: LoadedModel | None = None) -> dict:
     """Score, write OUT/perplexity.*; `loaded` reuses an already loaded tokenizer + model."""
     check_args(args)
     datasets = read_datasets(args.data or [DEFAULT_EVAL_DATA], args.control, args.max_rows)
-    refuse_stopped_run(args.adapter, args.allow_stopped)
-    model_ref, _ = resolve_model_arg(args.model, args.adapter)
-    out_dir = args.out or default_out_dir(args.adapter)
-
-    if loaded is None:
-        loaded = load_for_eval(model_ref, args.adapter, args.load_in_4bit, args.tokenizer,
-                               args.eos_token, args.pad_token)
+    model_ref, out_dir, loaded = args.load(loaded)
     tok, model = loaded.tok, loaded.model
     prefix = context_prefix_id(tok)
     for ds in datasets:
@@ -404,7 +405,6 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
                             f"--batch-size {max(1, args.batch_size // 4)})") from None
 
     labels = [label for label, _ in passes]
-    param = next(model.parameters())
     result = {
         "schema_version": 1,
         "timestamp": utc_timestamp(),
@@ -413,8 +413,7 @@ def run(args, loaded: LoadedModel | None = None) -> dict:
         "compare": bool(args.compare),
         "models": labels,
         "device": str(model_device(model)),
-        "dtype": "nf4 (bnb 4-bit)" if loaded.load_in_4bit else str(param.dtype).removeprefix(
-            "torch."),
+        "dtype": loaded.dtype_name,
         "window": args.window,
         "stride": args.stride,
         "batch_size": args.batch_size,

@@ -23,8 +23,10 @@ RUN/eval/generations.{json,md}, RUN/report.md, RUN/report/*.png and RUN/eval/eva
 (what was run, the seconds of each part, and the corpus perplexity of the held-out and the
 control text, base -> adapter, under `held_out_corpus_ppl` / `control_corpus_ppl`).
 
-From Python (the demo, scripts): `evaluate(target, *options)` takes the same arguments as the
-command line and returns what evaluation.json holds; a bad input raises core.errors.UserError.
+From Python (the demo, scripts): `evaluate_run(Options(target, ...))`, the options typed, returns
+what evaluation.json holds (`evaluate(target, *options)` takes them as on the command line); a
+bad input raises core.errors.UserError. The three parts are called with their own typed options
+(`perplexity.Options`, `generate.Options`, `report.Options`), built by `plan`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
@@ -42,6 +45,7 @@ from core.runs import (
     BASE,
     CONTROL,
     CONTROL_CORPUS_PPL,
+    CONTROL_TEXT,
     CORPUS_PPL,
     DEFAULT_EVAL_DATA,
     DEFAULT_TRAIN_DATA,
@@ -50,8 +54,11 @@ from core.runs import (
     HELD_OUT_CORPUS_PPL,
     Run,
 )
+from eval import generate, perplexity, report
 from eval.common import (
     ALLOW_STOPPED_HELP,
+    NoCudaGpu,
+    command_line,
     load_for_eval,
     quiet_library_logs,
     read_adapter_config,
@@ -65,11 +72,44 @@ from eval.common import (
 
 LOG = logging.getLogger("eval.pipeline")
 
-CONTROL_TEXT = Path(__file__).resolve().parent / "control_passage.txt"
 PARTS = ("perplexity", "generate", "report")
 
 
-def parse_args(argv=None):
+@dataclass
+class Options:
+    """What `python -m eval` evaluates and how: its command-line options, typed (each field's
+    flag is its name with dashes). `evaluate_run(Options(target, ...))` is the same from Python."""
+
+    target: Path
+    model: str | None = None
+    load_in_4bit: bool | None = None  # None: the recipe's load_in_4bit
+    data: list[Path] | None = None
+    control: list[Path] | None = None
+    no_control: bool = False
+    train: Path | None = None
+    no_memorisation: bool = False
+    prompt: list[str] | None = None
+    # the parts' own defaults (gen_batch_size is eval.generate's --batch-size)
+    samples: int = generate.Options.samples
+    max_new_tokens: int = generate.Options.max_new_tokens
+    seed: int = generate.Options.seed
+    gen_batch_size: int = generate.Options.batch_size
+    batch_size: int = perplexity.Options.batch_size
+    window: int = perplexity.Options.window
+    stride: int = perplexity.Options.stride
+    max_rows: int | None = None
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    fp32: bool = False
+    skip: str = ""
+    allow_stopped: bool = False
+    no_progress: bool = False
+    verbose: bool = False
+
+
+def parse_args(argv=None) -> Options:
+    o = Options
     parser = argparse.ArgumentParser(
         prog="python -m eval", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,23 +130,27 @@ def parse_args(argv=None):
                         f"(default: the recipe's first datasets path, else {DEFAULT_TRAIN_DATA})")
     parser.add_argument("--no-memorisation", action="store_true")
     parser.add_argument("--prompt", action="append", help="generation prompt, repeatable")
-    parser.add_argument("--samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gen-batch-size", type=int, default=0,
+    parser.add_argument("--samples", type=int, default=o.samples)
+    parser.add_argument("--max-new-tokens", type=int, default=o.max_new_tokens)
+    parser.add_argument("--seed", type=int, default=o.seed)
+    parser.add_argument("--gen-batch-size", type=int, default=o.gen_batch_size,
                         help="generations per batch (default 0: all of a model at once)")
-    parser.add_argument("--batch-size", type=int, default=8, help="perplexity windows per batch")
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=o.batch_size,
+                        help="perplexity windows per batch")
+    parser.add_argument("--window", type=int, default=o.window)
+    parser.add_argument("--stride", type=int, default=o.stride)
     parser.add_argument("--max-rows", type=int, help="score only the first N rows of each file")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     parser.add_argument("--eos-token", help="override EOS (default: the recipe's special_tokens)")
     parser.add_argument("--pad-token", help="override pad (default: the recipe's special_tokens)")
-    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {PARTS}")
+    parser.add_argument("--fp32", action="store_true", help="models in fp32 on a GPU too, as on "
+                        "a CPU (perplexities comparable with a CPU's; default bf16 on CUDA)")
+    parser.add_argument("--skip", default=o.skip,
+                        help=f"comma-separated parts to skip: {PARTS}")
     parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return Options(**vars(parser.parse_args(argv)))
 
 
 def target_run(target: Path) -> Run:
@@ -126,125 +170,119 @@ def target_run(target: Path) -> Run:
     return Run.from_output_dir(target)
 
 
-def plan(args) -> dict:
-    """What to evaluate, from the target and the flags (no heavy imports)."""
-    target = args.target
-    run = target_run(target)
-    refuse_stopped_run(run.output_dir, args.allow_stopped)
+@dataclass
+class Plan:
+    """What one evaluation scores, from its target (a recipe or a run) and its options."""
+
+    run: Run
+    model: str | None
+    load_in_4bit: bool
+    parts: list[str]
+    scoring: perplexity.Options
+    generation: generate.Options
+
+
+def plan(o: Options) -> Plan:
+    """What to evaluate, from the target and the options (no heavy imports)."""
+    run = target_run(o.target)
+    refuse_stopped_run(run.output_dir, o.allow_stopped)
     if not run.adapter_config.is_file():
         raise UserError(f"{run.adapter_config} not found: train first (axolotl train "
-                        f"{target if target.suffix in ('.yml', '.yaml') else 'RECIPE'}), or "
+                        f"{o.target if o.target.suffix in ('.yml', '.yaml') else 'RECIPE'}), or "
                         "pass the run directory that holds the adapter")
     read_adapter_config(run.output_dir)
-    skip = {p.strip() for p in args.skip.split(",") if p.strip()}
+    skip = {p.strip() for p in o.skip.split(",") if p.strip()}
     unknown = skip - set(PARTS)
     if unknown:
-        raise UserError(f"--skip {args.skip}: unknown part(s) {sorted(unknown)}; choose from "
+        raise UserError(f"--skip {o.skip}: unknown part(s) {sorted(unknown)}; choose from "
                         f"{', '.join(PARTS)}")
-    return {
-        "target": str(target),
-        "run": run,
-        "model": args.model or run.base_model,
-        "run_dir": run.output_dir,
-        "load_in_4bit": run.load_in_4bit if args.load_in_4bit is None else args.load_in_4bit,
-        "data": args.data or [run.eval_data],
-        "control": [] if args.no_control else (args.control or [CONTROL_TEXT]),
-        "train": args.train or run.train_data,
-        "eos_token": args.eos_token or run.eos_token,
-        "pad_token": args.pad_token or run.pad_token,
-        "parts": [p for p in PARTS if p not in skip],
-    }
+    model = o.model or run.base_model
+    load_in_4bit = run.load_in_4bit if o.load_in_4bit is None else o.load_in_4bit
+    common = {"model": model, "adapter": run.output_dir, "allow_stopped": o.allow_stopped,
+              "load_in_4bit": load_in_4bit, "tokenizer": o.tokenizer,
+              "eos_token": o.eos_token or run.eos_token, "pad_token": o.pad_token or run.pad_token}
+    return Plan(
+        run=run, model=model, load_in_4bit=load_in_4bit,
+        parts=[p for p in PARTS if p not in skip],
+        scoring=perplexity.Options(
+            **common, compare=True, data=o.data or [run.eval_data],
+            control=[] if o.no_control else (o.control or [CONTROL_TEXT]), window=o.window,
+            stride=o.stride, batch_size=o.batch_size, max_rows=o.max_rows,
+            no_progress=o.no_progress),
+        generation=generate.Options(
+            **common, samples=o.samples, max_new_tokens=o.max_new_tokens, seed=o.seed,
+            batch_size=o.gen_batch_size, no_memorisation=o.no_memorisation,
+            train=None if o.no_memorisation else (o.train or run.train_data), prompt=o.prompt),
+    )
 
 
-def part_argvs(args, p: dict) -> tuple[list[str], list[str]]:
-    """The eval.perplexity and eval.generate command lines this evaluation stands for."""
-    common = ["--adapter", str(p["run_dir"])]
-    if args.allow_stopped:
-        common.append("--allow-stopped")
-    if p["model"]:
-        common += ["--model", p["model"]]
-    if p["load_in_4bit"]:
-        common.append("--load-in-4bit")
-    for flag in ("tokenizer", "eos_token", "pad_token"):
-        value = args.tokenizer if flag == "tokenizer" else p[flag]
-        if value:
-            common += [f"--{flag.replace('_', '-')}", value]
-    ppl = [*common, "--compare", "--window", str(args.window), "--stride", str(args.stride),
-           "--batch-size", str(args.batch_size)]
-    for path in p["data"]:
-        ppl += ["--data", str(path)]
-    for path in p["control"]:
-        ppl += ["--control", str(path)]
-    if args.max_rows:
-        ppl += ["--max-rows", str(args.max_rows)]
-    if args.no_progress:
-        ppl.append("--no-progress")
-    gen = [*common, "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
-           "--seed", str(args.seed), "--batch-size", str(args.gen_batch_size)]
-    gen += ["--no-memorisation"] if args.no_memorisation else ["--train", str(p["train"])]
-    for prompt in args.prompt or []:
-        gen += ["--prompt", prompt]
-    return ppl, gen
-
-
-def run(args) -> dict:
-    started = time.perf_counter()
-    from eval import generate, perplexity, report
-
-    p = plan(args)
-    ppl_argv, gen_argv = part_argvs(args, p)
-    ppl_args, gen_args = perplexity.parse_args(ppl_argv), generate.parse_args(gen_argv)
-    # every cheap check before the (slow) load
-    perplexity.check_args(ppl_args)
-    generate.check_args(gen_args)
-    if "perplexity" in p["parts"]:
-        perplexity.read_datasets(ppl_args.data, ppl_args.control, ppl_args.max_rows)
-    if "generate" in p["parts"] and not args.no_memorisation and not Path(p["train"]).is_file():
-        raise UserError(f"training text {p['train']} not found (for the memorisation check): "
+def check_before_loading(o: Options, p: Plan) -> str:
+    """Every cheap check before the (slow) load; the model reference to load."""
+    perplexity.check_args(p.scoring)
+    generate.check_args(p.generation)
+    if "perplexity" in p.parts:
+        perplexity.read_datasets(p.scoring.data, p.scoring.control, o.max_rows)
+    train = p.generation.train
+    if "generate" in p.parts and not o.no_memorisation and not Path(train).is_file():
+        raise UserError(f"training text {train} not found (for the memorisation check): "
                         "run `python -m data_prep`, pass --train FILE or --no-memorisation")
-    model_ref, _ = resolve_model_arg(p["model"], p["run_dir"])
-    if p["load_in_4bit"] and args.load_in_4bit is None:  # 4-bit because the recipe says so
+    model_ref, _ = resolve_model_arg(p.model, p.run.output_dir)
+    if p.load_in_4bit and o.load_in_4bit is None:  # 4-bit because the recipe says so
         quiet_library_logs()
         try:
             resolve_device(load_in_4bit=True)
-        except UserError as err:
-            if not str(err).startswith("--load-in-4bit needs a CUDA GPU"):
-                raise
-            raise UserError(f"{args.target} sets load_in_4bit: true, which needs a CUDA GPU "
+        except NoCudaGpu:
+            raise UserError(f"{o.target} sets load_in_4bit: true, which needs a CUDA GPU "
                             "(bitsandbytes nf4): pass --no-load-in-4bit to evaluate in fp32 "
                             "on this CPU") from None
+    return model_ref
 
+
+def evaluate_run(o: Options) -> dict:
+    """Score, generate and report with one model load; what evaluation.json holds."""
+    started = time.perf_counter()
+    p = plan(o)
+    model_ref = check_before_loading(o, p)
     seconds: dict[str, float] = {}
     results: dict[str, dict] = {}
     loaded = None
-    if {"perplexity", "generate"} & set(p["parts"]):
-        loaded = load_for_eval(model_ref, p["run_dir"], p["load_in_4bit"], args.tokenizer,
-                               p["eos_token"], p["pad_token"])
+    if {"perplexity", "generate"} & set(p.parts):
+        loaded = load_for_eval(model_ref, p.run.output_dir, p.load_in_4bit, o.tokenizer,
+                               p.scoring.eos_token, p.scoring.pad_token, fp32=o.fp32)
         seconds["load"] = loaded.seconds
-    for part in p["parts"]:
+    for part in p.parts:
         start = time.perf_counter()
         if part == "perplexity":
-            results[part] = perplexity.run(ppl_args, loaded)
+            results[part] = perplexity.run(p.scoring, loaded)
         elif part == "generate":
-            results[part] = generate.run(gen_args, loaded)
+            results[part] = generate.run(p.generation, loaded)
         else:
-            report.run(report.parse_args([str(p["run_dir"])]
-                                         + (["--allow-stopped"] if args.allow_stopped else [])))
+            report.run(report.Options(p.run.output_dir, allow_stopped=o.allow_stopped))
         seconds[part] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - started
+    summary = summarise(o, p, model_ref, results, seconds)
+    write_files_atomic(p.run.eval_dir, {EVALUATION_JSON: json.dumps(summary, indent=2) + "\n"})
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total")
+    gen = summary.get("generation")
+    rate = f" ({gen['tokens_per_s']:,.0f} generated tokens/s)" if gen and gen["tokens_per_s"] else ""
+    print(f"evaluated {p.run.output_dir} in {seconds['total']:.1f} s: {parts}{rate}")
+    return summary
 
+
+def summarise(o: Options, p: Plan, model_ref: str, results: dict, seconds: dict) -> dict:
+    """evaluation.json: what was run, the seconds of each part, the key figures."""
     summary = {
         "schema_version": 1,
         "timestamp": utc_timestamp(),
-        "target": p["target"],
-        "run_dir": str(p["run_dir"]),
+        "target": str(o.target),
+        "run_dir": str(p.run.output_dir),
         "model": model_ref,
-        "load_in_4bit": p["load_in_4bit"],
-        "parts": p["parts"],
+        "load_in_4bit": p.load_in_4bit,
+        "parts": p.parts,
         "commands": {  # the standalone commands that do the same work
-            "perplexity": shlex.join(["python", "-m", "eval.perplexity", *ppl_argv]),
-            "generate": shlex.join(["python", "-m", "eval.generate", *gen_argv]),
-            "report": shlex.join(["python", "-m", "eval.report", str(p["run_dir"])])},
+            "perplexity": command_line("eval.perplexity", p.scoring),
+            "generate": command_line("eval.generate", p.generation),
+            "report": shlex.join(["python", "-m", "eval.report", str(p.run.output_dir)])},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if "perplexity" in results:
@@ -254,11 +292,6 @@ def run(args) -> dict:
                 summary[key] = figures
     if "generate" in results:
         summary["generation"] = results["generate"]["timing"]
-    write_files_atomic(p["run"].eval_dir, {EVALUATION_JSON: json.dumps(summary, indent=2) + "\n"})
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total")
-    gen = summary.get("generation")
-    rate = f" ({gen['tokens_per_s']:,.0f} generated tokens/s)" if gen and gen["tokens_per_s"] else ""
-    print(f"evaluated {p['run_dir']} in {seconds['total']:.1f} s: {parts}{rate}")
     return summary
 
 
@@ -275,12 +308,13 @@ def corpus_ppl(perplexity_result: dict, kind: str) -> dict | None:
 
 
 def evaluate(target: Path | str, *options: str) -> dict:
-    """`python -m eval TARGET OPTIONS...` from Python: the evaluation.json summary; a bad input
-    raises core.errors.UserError (its message is the one-line error)."""
-    return run(parse_args([str(target), *map(str, options)]))
+    """`python -m eval TARGET OPTIONS...` from Python, with the command line's options: the
+    evaluation.json summary; a bad input raises core.errors.UserError (its message is the
+    one-line error)."""
+    return evaluate_run(parse_args([str(target), *map(str, options)]))
 
 
-main = script_main(parse_args, run)
+main = script_main(parse_args, evaluate_run)
 
 
 if __name__ == "__main__":

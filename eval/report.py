@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
@@ -280,7 +281,18 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def parse_args(argv=None):
+@dataclass
+class Options:
+    """What `python -m eval.report` reports: its command-line options, typed."""
+
+    run_dir: Path
+    perplexity: Path | None = None
+    generations: Path | None = None
+    allow_stopped: bool = False
+    verbose: bool = False
+
+
+def parse_args(argv=None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2])
@@ -292,10 +304,10 @@ def parse_args(argv=None):
     parser.add_argument("--allow-stopped", action="store_true", help=ALLOW_STOPPED_HELP + "; "
                         "the report says it stopped")
     parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return Options(**vars(parser.parse_args(argv)))
 
 
-def run(args) -> Path:
+def run(args: Options) -> Path:
     run_dir = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found: pass the axolotl output_dir of a run")

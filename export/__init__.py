@@ -7,8 +7,9 @@ llama.cpp (through llama-cpp-python) against the merged model in transformers. D
 docs/export.md.
 """
 
+from core.pins import pinned
+
 # llama.cpp's converter and the llama.cpp runtime both come from this llama-cpp-python release:
 # the converter from its source distribution, the runtime built from the same sources
-# (`make setup-export`). Keep it equal to the pin in pyproject.toml's `export` extra and the
-# Makefile's LLAMA_CPP_PYTHON_VERSION (a test checks).
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# (`make setup-export`). Its one pin is pyproject.toml's `export` extra; the Makefile reads it too.
+LLAMA_CPP_PYTHON_VERSION = pinned("llama-cpp-python")

@@ -24,23 +24,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from core.errors import UserError, cli
-from core.runs import EXPORT_JSON, EXPORT_SUBDIR, refuse_stopped
+from core.files import read_text_rows, staged_dir, staged_file, write_file, write_json
+from core.launch import CODE_ROOT
+from core.runs import (
+    ADAPTER_CONFIG,
+    CONTROL_TEXT,
+    DEFAULT_EVAL_DATA,
+    EXPORT_JSON,
+    EXPORT_SUBDIR,
+    MERGED_DIR,
+    Run,
+    refuse_stopped,
+)
 from export import LLAMA_CPP_PYTHON_VERSION
 from export.check import DEFAULT_GREEDY_TOKENS, DEFAULT_PROMPT
 from export.converter import find_converter
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RUN = Path("outputs/smollm2-demo-cpu")
-HELD_OUT = Path("data/prepared/clean/eval.jsonl")
-CONTROL = Path("eval/control_passage.txt")
+DEFAULT_RUN = Path("outputs/smollm2-demo-cpu")  # the output_dir of `make demo`'s recipe
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
 QUANTIZE_TYPES = ("q4_k_m", "q5_k_m", "q4_0")  # quantised from f16 by llama.cpp (llama_cpp)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,12 +64,12 @@ def read_run(run_dir: Path, base_model: str | None) -> tuple[str | None, bool]:
     """(base model reference, is_adapter) of an axolotl output_dir."""
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found: pass the output_dir of a finished "
-                          "run (make demo writes outputs/smollm2-demo-cpu)")
-    config = run_dir / "adapter_config.json"
+                          f"run (make demo writes {DEFAULT_RUN})")
+    run = Run.from_output_dir(run_dir)
+    config = run.adapter_config
     if config.is_file():
-        if not any((run_dir / n).is_file()
-                   for n in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise UserError(f"{run_dir} has adapter_config.json but no adapter_model.safetensors:"
+        if not run.has_adapter():
+            raise UserError(f"{run_dir} has {ADAPTER_CONFIG} but no adapter_model.safetensors:"
                               " the run did not finish; re-run its axolotl train command")
         try:
             base = base_model or json.loads(config.read_text())["base_model_name_or_path"]
@@ -77,23 +83,21 @@ def read_run(run_dir: Path, base_model: str | None) -> tuple[str | None, bool]:
         return base, True
     if (run_dir / "config.json").is_file() and any(run_dir.glob("model*.safetensors")):
         return None, False  # a full fine-tune: already a complete model
-    raise UserError(f"{run_dir} holds neither a LoRA adapter (adapter_config.json) nor a full "
+    raise UserError(f"{run_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor a full "
                       "model (config.json + model*.safetensors): pass an axolotl output_dir")
 
 
 def read_passage(path: Path | None) -> tuple[str, str]:
     """(text, source) of the passage the perplexity check scores: the first held-out row."""
-    candidates = [path] if path else [HELD_OUT, CONTROL]
+    candidates = [path] if path else [DEFAULT_EVAL_DATA, CONTROL_TEXT]
     for candidate in candidates:
         if candidate is None or not candidate.is_file():
             continue
         if candidate.suffix == ".jsonl":
-            for line in candidate.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    return json.loads(line)["text"], f"{candidate} (first row)"
+            return read_text_rows(candidate)[0], f"{candidate} (first row)"
         return candidate.read_text(encoding="utf-8").strip(), str(candidate)
-    raise UserError(f"passage file {path or HELD_OUT} not found: run python -m data_prep, or "
-                      "pass --passage FILE (text or JSONL with a 'text' field)")
+    raise UserError(f"passage file {path or DEFAULT_EVAL_DATA} not found: run python -m "
+                      "data_prep, or pass --passage FILE (text or JSONL with a 'text' field)")
 
 
 def parse_types(value: str) -> list[str]:
@@ -112,7 +116,7 @@ def parse_types(value: str) -> list[str]:
 
 
 def merge(run_dir: Path, base: str, target: Path, dtype: str) -> dict:
-    """Base + adapter -> one plain model directory (written to a temporary name, then renamed)."""
+    """Base + adapter -> one plain model directory (core.files.staged_dir: all or nothing)."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -139,17 +143,10 @@ def merge(run_dir: Path, base: str, target: Path, dtype: str) -> dict:
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         plain_byte_level_bpe(staging, tokenizer)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"dtype": str(torch_dtype).removeprefix("torch."),
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -193,17 +190,15 @@ def plain_byte_level_bpe(model_dir: Path, tokenizer) -> bool:
 
 def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str) -> None:
     """convert_hf_to_gguf.py MODEL --outtype T --outfile F, as a subprocess of this Python."""
-    tmp = outfile.with_name(f".{outfile.name}.tmp")
-    cmd = [sys.executable, str(converter), str(model_dir), "--outtype", outtype,
-           "--outfile", str(tmp)]
-    print("$ python " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        sys.stderr.write(proc.stderr[-4000:])
-        raise UserError(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}; "
-                          "its log is above)")
-    os.replace(tmp, outfile)
+    with staged_file(outfile) as tmp:
+        cmd = [sys.executable, str(converter), str(model_dir), "--outtype", outtype,
+               "--outfile", str(tmp)]
+        print("$ python " + " ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not tmp.stat().st_size:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise UserError(f"llama.cpp's converter failed on {model_dir} (exit "
+                            f"{proc.returncode}; its log is above)")
 
 
 def quantize(source: Path, outfile: Path, qtype: str) -> None:
@@ -214,13 +209,11 @@ def quantize(source: Path, outfile: Path, qtype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 2
-    tmp = outfile.with_name(f".{outfile.name}.tmp")
     print(f"llama_model_quantize({source.name} -> {outfile.name}, {qtype.upper()})", flush=True)
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-    if status != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"llama.cpp could not quantise {source} to {qtype} (status {status})")
-    os.replace(tmp, outfile)
+    with staged_file(outfile) as tmp:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if status != 0 or not tmp.stat().st_size:
+            raise UserError(f"llama.cpp could not quantise {source} to {qtype} (status {status})")
 
 
 def modelfile_text(gguf_name: str, eos_token: str, model_name: str, n_ctx: int) -> str:
@@ -247,18 +240,57 @@ def write_modelfile(out: Path, gguf: Path, merged: Path, model_name: str) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(merged)
     config = AutoConfig.from_pretrained(merged)
     n_ctx = min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
-    path = out / "Modelfile"
-    tmp = path.with_name(".Modelfile.tmp")
-    tmp.write_text(modelfile_text(gguf.name, tokenizer.eos_token, model_name, n_ctx))
-    os.replace(tmp, path)
-    return path
+    return write_file(out / "Modelfile",
+                      modelfile_text(gguf.name, tokenizer.eos_token, model_name, n_ctx))
 
 
 # --------------------------------------------------------------------------- driver
 
 
+def convert_all(converter: Path, merged: Path, out: Path, name: str, types: list[str],
+                seconds: dict[str, float]) -> dict[str, Path]:
+    """OUT/NAME-TYPE.gguf of each type (k-quants from the f16 file), each one's seconds."""
+    files: dict[str, Path] = {}
+    for gguf_type in types:
+        outfile = out / f"{name}-{gguf_type}.gguf"
+        t0 = time.perf_counter()
+        if gguf_type in CONVERTER_TYPES:
+            convert(converter, merged, outfile, gguf_type)
+        else:
+            quantize(files["f16"], outfile, gguf_type)
+        seconds[f"gguf_{gguf_type}"] = time.perf_counter() - t0
+        files[gguf_type] = outfile
+        print(f"{outfile}: {outfile.stat().st_size / 2**20:.1f} MiB "
+              f"in {seconds[f'gguf_{gguf_type}']:.1f} s", flush=True)
+    return files
+
+
+def check_all(files: dict[str, Path], merged: Path, prompt: str, passage: str,
+              greedy_tokens: int) -> list[dict]:
+    """Each GGUF in llama.cpp against the merged model in transformers (export/check.py), one
+    line each."""
+    from export.check import Reference
+
+    checks = []
+    reference = Reference(merged, prompt, passage, greedy_tokens)
+    for gguf_type, path in files.items():
+        result = reference.compare(path, gguf_type)
+        checks.append(result)
+        tol = result["ppl_tolerance_pct"]
+        split = result["greedy_divergence"]
+        tie = (f" (then a near-tie: logit margins {split['reference_margin']:.4f} / "
+               f"{split['llama_cpp_margin']:.4f})" if split and split["near_tie"] else "")
+        print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
+              f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
+              f"match{tie}, perplexity {result['ppl_llama_cpp']:.4f} vs "
+              f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
+              + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
+              + ("ok" if result["passed"] else "FAILED"), flush=True)
+    return checks
+
+
 def run_export(args) -> dict:
-    os.chdir(REPO)  # adapter configs name their base relative to the repository root
+    os.chdir(CODE_ROOT)  # adapter configs name their base relative to the repository root
     run_dir = args.run_dir
     if not args.allow_stopped:
         refuse_stopped(run_dir, "pass --allow-stopped")
@@ -278,10 +310,10 @@ def run_export(args) -> dict:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
-    banner(1, f"merge: {run_dir} -> {out / 'merged'}")
+    banner(1, f"merge: {run_dir} -> {out / MERGED_DIR}")
     t0 = time.perf_counter()
     if is_adapter:
-        merged = out / "merged"
+        merged = out / MERGED_DIR
         merge_info = merge(run_dir, base, merged, args.dtype)
     else:
         merged, merge_info = run_dir, {"dtype": None, "parameters": None}
@@ -289,18 +321,7 @@ def run_export(args) -> dict:
     seconds["merge"] = time.perf_counter() - t0
 
     banner(2, f"convert: llama.cpp {converter.name} -> {', '.join(args.types)}")
-    files: dict[str, Path] = {}
-    for gguf_type in args.types:
-        outfile = out / f"{name}-{gguf_type}.gguf"
-        t0 = time.perf_counter()
-        if gguf_type in CONVERTER_TYPES:
-            convert(converter, merged, outfile, gguf_type)
-        else:
-            quantize(files["f16"], outfile, gguf_type)
-        seconds[f"gguf_{gguf_type}"] = time.perf_counter() - t0
-        files[gguf_type] = outfile
-        print(f"{outfile}: {outfile.stat().st_size / 2**20:.1f} MiB "
-              f"in {seconds[f'gguf_{gguf_type}']:.1f} s", flush=True)
+    files = convert_all(converter, merged, out, name, args.types, seconds)
 
     banner(3, f"Ollama Modelfile: {out / 'Modelfile'}")
     pick = next((t for t in ("q8_0", "q4_k_m", "f16") if t in files), args.types[0])
@@ -310,23 +331,8 @@ def run_export(args) -> dict:
     checks = []
     if not args.no_check:
         banner(4, "check: llama.cpp vs transformers (tokenizer, greedy tokens, perplexity)")
-        from export.check import Reference
-
         t0 = time.perf_counter()
-        reference = Reference(merged, args.prompt, passage, args.greedy_tokens)
-        for gguf_type, path in files.items():
-            result = reference.compare(path, gguf_type)
-            checks.append(result)
-            tol = result["ppl_tolerance_pct"]
-            split = result["greedy_divergence"]
-            tie = (f" (then a near-tie: logit margins {split['reference_margin']:.4f} / "
-                   f"{split['llama_cpp_margin']:.4f})" if split and split["near_tie"] else "")
-            print(f"{path.name}: tokenizer {'same' if result['tokenizer_matches'] else 'DIFFERS'}"
-                  f", greedy {result['greedy_leading_matches']}/{result['greedy_tokens']} tokens "
-                  f"match{tie}, perplexity {result['ppl_llama_cpp']:.4f} vs "
-                  f"{result['ppl_transformers']:.4f} ({result['ppl_diff_pct']:+.3f} %"
-                  + (f", tolerance ±{tol} %" if tol is not None else ", no tolerance") + ") -> "
-                  + ("ok" if result["passed"] else "FAILED"), flush=True)
+        checks = check_all(files, merged, args.prompt, passage, args.greedy_tokens)
         seconds["check"] = time.perf_counter() - t0
     else:
         banner(4, "check: skipped (--no-check)")
@@ -347,9 +353,7 @@ def run_export(args) -> dict:
         "checks": checks,
         "passed": all(c["passed"] for c in checks),
     }
-    tmp = out / ".export.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / EXPORT_JSON)
+    write_json(out / EXPORT_JSON, summary)
     print_summary(summary, out, name)
     return summary
 
@@ -360,7 +364,7 @@ def print_summary(summary: dict, out: Path, name: str) -> None:
         print(f"{gguf_type:8s} {info['bytes'] / 2**20:8.1f} MiB  {info['path']}")
     if summary["checks"]:
         print("llama.cpp check: " + ("passed" if summary["passed"] else "FAILED")
-              + f" ({len(summary['checks'])} GGUF file(s); details in {out / 'export.json'})")
+              + f" ({len(summary['checks'])} GGUF file(s); details in {out / EXPORT_JSON})")
     print(f"export time: {summary['seconds']['total']:.0f} s")
     print(f"Ollama: cd {out} && ollama create {name} -f Modelfile && ollama run {name} "
           '"It was on a dreary night of November that"')
@@ -386,7 +390,7 @@ def parse_args(argv=None):
                         help="llama.cpp's convert_hf_to_gguf.py (default: fetched, see "
                              "export/converter.py)")
     parser.add_argument("--passage", type=Path, help=f"text the perplexity check scores "
-                        f"(default: first row of {HELD_OUT})")
+                        f"(default: first row of {DEFAULT_EVAL_DATA})")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="prompt of the greedy-token check")
     parser.add_argument("--greedy-tokens", type=int, default=DEFAULT_GREEDY_TOKENS)

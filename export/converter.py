@@ -15,8 +15,6 @@ Where the sdist comes from, first match wins:
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,14 +22,14 @@ import tempfile
 from pathlib import Path
 
 from core.errors import UserError, cli
+from core.files import staged_dir
+from core.launch import CODE_ROOT
 from export import LLAMA_CPP_PYTHON_VERSION
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache"
+CACHE = CODE_ROOT / ".cache"
 SCRIPT = "convert_hf_to_gguf.py"
 # What the converter needs from vendor/llama.cpp/ (plus the licence it ships under).
 MEMBERS = (SCRIPT, "conversion/", "gguf-py/gguf/", "LICENSE")
-
 
 
 def sdist_name(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
@@ -60,24 +58,16 @@ def download_sdist(version: str, dest: Path) -> Path:
 def extract(sdist: Path, target: Path, version: str) -> Path:
     """Unpack the converter's files from the sdist into `target` (atomically)."""
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=target.parent))
-    try:
-        with tarfile.open(sdist) as tar:
-            wanted = [m for m in tar.getmembers() if m.name.startswith(prefix)
-                      and (m.isfile() or m.isdir())
-                      and any(m.name[len(prefix):].startswith(w) for w in MEMBERS)]
-            if not any(m.name == prefix + SCRIPT for m in wanted):
-                raise UserError(f"{sdist} holds no {prefix}{SCRIPT}: is it the "
-                                     f"llama-cpp-python {version} source distribution?")
-            for member in wanted:
-                member.name = member.name[len(prefix):]
-            tar.extractall(staging, members=wanted, filter="data")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_dir(target) as staging, tarfile.open(sdist) as tar:
+        wanted = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                  and (m.isfile() or m.isdir())
+                  and any(m.name[len(prefix):].startswith(w) for w in MEMBERS)]
+        if not any(m.name == prefix + SCRIPT for m in wanted):
+            raise UserError(f"{sdist} holds no {prefix}{SCRIPT}: is it the "
+                            f"llama-cpp-python {version} source distribution?")
+        for member in wanted:
+            member.name = member.name[len(prefix):]
+        tar.extractall(staging, members=wanted, filter="data")
     return target / SCRIPT
 
 

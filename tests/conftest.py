@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import core.runs  # noqa: E402 - after the repository is importable
+import core.launch  # noqa: E402 - after the repository is importable
+import core.runs  # noqa: E402
 
 # Property tests (tests/test_data_prep_properties.py): `ci`, the default, runs the same 500
 # examples every time (derandomised: a CI run never fails on a case found only by luck);
@@ -42,15 +43,17 @@ with contextlib.suppress(ImportError):
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 RAW_CSV = REPO / "data" / "raw" / "frankenstein_chunks.csv"  # where data_prep looks for it
-VENV_BIN = Path(sys.executable).parent
 
-# Offline, no telemetry, and `accelerate` (which `axolotl train` execs) on PATH.
+# The environment every Axolotl command of the project runs in (core/launch.py: no telemetry,
+# `accelerate` on PATH, this checkout's code in every subprocess, the CPUs' threads), for the
+# tests and everything they start; offline whatever the shell says: no test uses the hub.
+os.environ.update(core.launch.environment())
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
-if str(VENV_BIN) not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def axolotl(verb: str, recipe: Path | str, *args: str) -> list[str]:
+    """`axolotl VERB RECIPE ARGS`, the command users type (core/launch.py)."""
+    return core.launch.axolotl_command(verb, recipe, *args, launcher="axolotl")
 
 # Fake secrets present in the environment of every real run: tests assert they never leak.
 FAKE_SECRETS = {
@@ -214,9 +217,8 @@ def tiny_run(tiny_model, tmp_path_factory) -> TinyRun:
         output_dir=str(root / "out"), dataset_prepared_path=str(root / "prepared"),
     )
     env = {**os.environ, **FAKE_SECRETS}
-    axolotl = str(VENV_BIN / "axolotl")
-    pre = run_logged([axolotl, "preprocess", str(recipe)], root / "preprocess.log", env=env)
-    train = run_logged([axolotl, "train", str(recipe)], root / "train.log", env=env)
+    pre = run_logged(axolotl("preprocess", recipe), root / "preprocess.log", env=env)
+    train = run_logged(axolotl("train", recipe), root / "train.log", env=env)
     return TinyRun(recipe, root / "out", root / "preprocess.log", root / "train.log",
                    pre.returncode, train.returncode)
 

@@ -334,7 +334,7 @@ def test_run_device_script_fails_clearly_without_carried_files(tmp_path):
     run = subprocess.run(["bash", "bench/run_device.sh"], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "OUT": str(tmp_path / "out")})
     assert run.returncode == 2 and ".whl/*.whl missing" in run.stderr
-    assert "bash bench/fetch_gpu_wheels.sh .whl" in run.stderr  # the repository's own script
+    assert "bash offline/fetch_wheels.sh .whl --python X.Y" in run.stderr  # the repository's own
     assert len(run.stderr.strip().splitlines()) == 1
 
 
@@ -347,7 +347,7 @@ def test_run_device_script_on_cpu(workspace, tmp_path):
         return [n for n in names if n == "__pycache__" or (Path(folder, n).is_dir()
                                                             and Path(folder).name == "models")]
 
-    for package in ("bench", "models", "recipes", "data_prep"):
+    for package in ("core", "bench", "models", "recipes", "data_prep"):
         shutil.copytree(REPO / package, tree / package, ignore=code_only)
     for mode in ("clean", "seed"):
         folder = tree / "data" / "prepared" / mode
@@ -359,7 +359,8 @@ def test_run_device_script_on_cpu(workspace, tmp_path):
 
     assert build_main(["--tokenizer-only", "--out", str(tree / "models/mistral-tokenizer")]) == 0
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "INSTALL_WHEELS": "0",
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # the copy's own code
+           "OUT": str(out), "PYTHON": sys.executable, "INSTALL_WHEELS": "0",
            "BUILD_ARGS": "--tiny --device cpu", "MODEL_DIR": str(tmp_path / "model"),
            "WORK_DIR": str(tmp_path / "runs"), "VARIANTS": "notebook", "WARMUP": "1",
            "STEPS": "1", "BUDGET_S": "300"}

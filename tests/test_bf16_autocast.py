@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, write_recipe
+from conftest import REPO, axolotl, write_recipe
 
 from integrations.bf16_autocast.plugin import (
     NAME,
@@ -79,7 +79,7 @@ def test_axolotl_trains_the_tiny_recipe_under_bf16_autocast(tiny_trained, tmp_pa
     recipe = write_recipe(tiny_trained.recipe, tmp_path / "tiny-autocast.yml", plugins=PLUGINS,
                           bf16_autocast=True, output_dir=str(out),
                           dataset_prepared_path=str(tiny_trained.output_dir.parent / "prepared"))
-    proc = subprocess.run([str(VENV_BIN / "axolotl"), "train", str(recipe)], cwd=REPO,
+    proc = subprocess.run(axolotl("train", recipe), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bf16_autocast: training in bf16 autocast (fp32 weights)" in proc.stderr
@@ -118,7 +118,7 @@ def test_bad_settings_stop_axolotl_train_in_one_line(plugins, overrides, says, t
         pytest.skip("this machine has CUDA")
     recipe = write_recipe(REPO / "recipes" / "tiny-mistral-cpu.yml", tmp_path / "r.yml",
                           plugins=plugins, output_dir=str(tmp_path / "out"), **overrides)
-    proc = subprocess.run([str(VENV_BIN / "axolotl"), "train", str(recipe)], cwd=REPO,
+    proc = subprocess.run(axolotl("train", recipe), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

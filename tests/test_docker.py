@@ -19,8 +19,9 @@ files) owned by uid 1000, as a user's clone would be:
     make test-docker      # = pytest -m docker; needs root, podman, runc, debootstrap, network
 
 Where containers cannot run (no root, a tool missing, the engine refuses to start one), every
-test here is skipped with one printed line saying why. The last test prints the measured figures
-(build time, image size, each service's wall time, the step the resumed run continued from).
+test here is skipped with one printed line saying why. Each test that measures a figure (build
+time, image size, each service's wall time, the step the resumed run continued from) writes it
+into outputs/test-docker/figures.json as it measures it (docs/docker.md quotes them).
 """
 
 from __future__ import annotations
@@ -64,9 +65,28 @@ PIP_PORT = 38417  # fixed where free, so podman's layer cache holds across runs 
 BUILD_TIMEOUT_S = 2700
 RUN_TIMEOUT_S = 1800
 
-FIGURES: dict[str, str] = {}  # measured figures, printed by the last test
 
 
+class Figures:
+    """The figures docs/docker.md quotes (docs/results/ keeps a copy): each written, as it is
+    measured, into FIGURES_JSON with the machine's CPUs and load and the compose commands run so
+    far, so the file always holds what this run has measured (and only that)."""
+
+    path = REPO / "outputs" / "test-docker" / "figures.json"
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+        self.commands: list[str] = []  # the stack's own list of the commands it ran
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.values[name] = value
+        load = os.getloadavg()
+        write_json(self.path, {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                               "load_average": [round(x, 1) for x in load],
+                               "figures": self.values, "commands": self.commands})
+
+
+FIGURES = Figures()
 
 
 def _minutes(seconds: float) -> str:
@@ -439,6 +459,7 @@ def stack(engine, base_image, tmp_path_factory) -> Compose:
     }
     files = [clone / "docker-compose.yml", clone / "docker-compose.cpu.yml", override]
     compose = Compose(clone, files, env, logs, synthetic_book=real_csv is None)
+    FIGURES.commands = compose.runs
     yield compose
     subprocess.run(compose.argv("down", "--volumes", "--remove-orphans", "--timeout", "5"),
                    env=env, capture_output=True, timeout=300, check=False)
@@ -782,20 +803,3 @@ def test_real_train_service_without_a_gpu_stops_with_one_line(stack, built, engi
     rc, log, _ = real.run("run", "train", log="run-train-gpu-recipe")
     assert rc == 3, log[-6000:]
     assert NO_GPU_LINE in log and "Traceback" not in log
-
-
-def test_zz_print_measured_figures(request, stack):
-    """Not a check: the figures docs/docker.md quotes, on the terminal and as JSON in
-    outputs/test-docker/figures.json (the file docs/results/ keeps a copy of)."""
-    if not FIGURES:
-        pytest.skip("nothing was measured")
-    load = os.getloadavg()
-    _say(request, f"test_docker figures ({os.cpu_count()} CPUs, load average "
-                  f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}):")
-    for name, value in FIGURES.items():
-        _say(request, f"  {name}: {value}")
-    _say(request, "  commands: " + "; ".join(stack.runs))
-    record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "load_average": [round(x, 1) for x in load], "figures": FIGURES,
-              "commands": stack.runs}
-    write_json(REPO / "outputs" / "test-docker" / "figures.json", record)

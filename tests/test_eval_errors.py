@@ -19,7 +19,7 @@ import threading
 import pytest
 from _eval_helpers import REPO, TEXTS, tiny_model_dir, write_jsonl
 
-from eval.errors import (
+from core.diagnostics import (
     cuda_init_problem,
     cuda_unavailable_problem,
     hub_problem,

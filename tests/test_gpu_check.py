@@ -1,4 +1,4 @@
-"""bench/gpu_check.py: the GPU owner's one command, run for real on the CPU with the tiny model.
+"""gpu_check (python -m gpu_check): the GPU owner's one command, run for real on the CPU with the tiny model.
 
 The slow test runs the whole orchestration with real subprocesses: data_prep, `axolotl train`
 killed with SIGTERM after its first checkpoint and run again (it must resume and finish), the
@@ -19,13 +19,15 @@ import pytest
 from conftest import REPO, book_csv_args
 from test_eval_errors import HUB_ANSWERS, FakeHub
 
-from bench.gpu_check import STAGES, gpu_slug, junit_counts, render_summary
+from gpu_check.check import STAGES
+from gpu_check.figures import gpu_slug, junit_counts
+from gpu_check.summary import render_summary
 
 
 @pytest.mark.slow
 def test_gpu_check_runs_the_whole_user_path_on_the_tiny_model(tiny_model, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--recipe", "recipes/tiny-mistral-cpu.yml",
+    cmd = [sys.executable, "-m", "gpu_check", "--recipe", "recipes/tiny-mistral-cpu.yml",
            "--model", str(tiny_model), "--work", str(tmp_path / "work"), "--out", str(out),
            "--launcher", "python",  # as on a GPU box whose packages have no commands
            "--set", "max_steps=4", "--set", "save_steps=2", "--set", "eval_steps=null",
@@ -95,7 +97,7 @@ def test_without_a_usable_hub_token_the_random_init_model_is_built_and_said(tmp_
                "HF_HOME": str(tmp_path / "hf-home")}
         skip = ",".join(s for s in STAGES if s != "model")
         proc = subprocess.run(
-            [sys.executable, "-m", "bench.gpu_check", "--skip", skip, "--work",
+            [sys.executable, "-m", "gpu_check", "--skip", skip, "--work",
              str(tmp_path / "work"), "--random-model-dir", str(tmp_path / "random"),
              "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     summary = json.loads((out / "summary.json").read_text())
@@ -155,7 +157,7 @@ def test_merged_weight_check_tells_a_wrong_merge_from_rounding(tiny_model, tmp_p
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from bench.gpu_check import merged_weight_check
+    from gpu_check.compare_merged import merged_weight_check
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -212,7 +214,7 @@ def test_merged_weight_check_tells_a_wrong_merge_from_rounding(tiny_model, tmp_p
     ("Traceback ...\nValueError: something else\n", 1, ""),
 ])
 def test_a_stage_says_why_it_ended_early(log, rc, why, tmp_path):
-    from bench.gpu_check import early_end_reason
+    from gpu_check.logs import early_end_reason
 
     path = tmp_path / "stage.log"
     path.write_text(log)
@@ -240,7 +242,7 @@ def test_a_model_whose_norms_are_as_initialised_is_not_pretrained(tiny_model, tm
     import torch
     from safetensors.torch import load_file, save_file
 
-    from bench.gpu_check import untrained_reason
+    from gpu_check.model import untrained_reason
 
     assert untrained_reason(tiny_model) == "all 5 norm weights are 1.0, as initialised"
     assert untrained_reason(pretrained_copy(tiny_model, tmp_path / "trained")) is None
@@ -259,8 +261,9 @@ def test_a_given_random_init_model_is_trained_without_the_watchdog_as_a_built_on
     """`--model DIR` of a random-init model with a recipe whose watchdog (threshold 5.0) is set
     for real weights: the watchdog would stop it after 3 steps, so it is dropped, as for the
     model gpu-check builds, and the summary says why; a pretrained one keeps it."""
-    from bench.gpu_check import Check, parse_args
     from core.runs import load_recipe
+    from gpu_check.check import Check
+    from gpu_check.cli import parse_args
 
     def run_recipe(model):
         check = Check(parse_args(["--recipe", "recipes/mistral-qlora.yml", "--model", str(model),

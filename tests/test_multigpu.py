@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN
+from conftest import REPO, axolotl
 
 RECIPE = REPO / "recipes" / "mistral-qlora-fsdp.yml"
 
@@ -57,7 +57,7 @@ def test_header_launch_command_builds_a_two_process_accelerate_launch(tmp_path, 
     recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\n")
     recorder.chmod(0o755)
     env = {**os.environ, "PATH": f"{recorder.parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([str(VENV_BIN / "axolotl"), *command[1:]], cwd=REPO, env=env,
+    proc = subprocess.run(axolotl(*command[1:]), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     argv = record.read_text().splitlines()
@@ -72,7 +72,7 @@ def test_real_launch_on_a_cpu_machine_stops_with_the_gpu_line(prepared_data):
     if __import__("torch").cuda.is_available():
         pytest.skip("on a GPU machine this would start training")
     command = header_launch_command()
-    proc = subprocess.run([str(VENV_BIN / "axolotl"), *command[1:]], cwd=REPO,
+    proc = subprocess.run(axolotl(*command[1:]), cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

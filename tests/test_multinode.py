@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, run_logged, write_recipe
+from conftest import REPO, axolotl, run_logged, write_recipe
 
 from core.files import read_jsonl
 
@@ -47,24 +47,23 @@ def runs(tiny_model, tmp_path_factory):
     single = write_recipe(recipe, root / "single.yml", output_dir=str(root / "single"),
                           gradient_accumulation_steps=2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    axolotl = str(VENV_BIN / "axolotl")
-    assert run_logged([axolotl, "preprocess", str(recipe)], root / "preprocess.log",
+    assert run_logged(axolotl("preprocess", recipe), root / "preprocess.log",
                       env=env).returncode == 0, (root / "preprocess.log").read_text()[-3000:]
     port = free_port()
     nodes = []
     for rank in (0, 1):
         log = open(root / f"node{rank}.log", "w")  # noqa: SIM115 - closed below
         nodes.append((subprocess.Popen(
-            [axolotl, "train", str(recipe), "--launcher", "torchrun", "--", "--nnodes", "2",
+            axolotl("train", recipe, "--launcher", "torchrun", "--", "--nnodes", "2",
              "--node_rank", str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "frankenstein-test"],
+             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "frankenstein-test"),
             cwd=REPO, env={**env, "BENCH_STEPS_JSONL": str(root / "nodes.jsonl")}, stdout=log,
             stderr=subprocess.STDOUT), log))
     codes = []
     for proc, log in nodes:
         codes.append(proc.wait(timeout=900))
         log.close()
-    single_proc = run_logged([axolotl, "train", str(single), "--launcher", "python"],
+    single_proc = run_logged(axolotl("train", single, "--launcher", "python"),
                              root / "single.log",
                              env={**env, "OMP_NUM_THREADS": "2",
                                   "BENCH_STEPS_JSONL": str(root / "single.jsonl")})

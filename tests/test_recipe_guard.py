@@ -15,14 +15,14 @@ import torch
 from core.errors import UserError
 from integrations.recipe_guard import compat, resume, saving
 from integrations.recipe_guard.callbacks import FiniteLossCallback
-from integrations.recipe_guard.plugin import RecipeGuardPlugin
+from integrations.recipe_guard.plugin import RecipeGuardPlugin, check_patch_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_patch_target_matches_the_installed_axolotl():
     assert compat.axolotl_version() == compat.PINNED_AXOLOTL
-    compat.check_patch_targets({"sample_packing": True, "auto_resume_from_checkpoints": True})
+    check_patch_targets({"sample_packing": True, "auto_resume_from_checkpoints": True})
 
 
 class ChangedTrainer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, run_logged, write_recipe
+from conftest import REPO, axolotl, run_logged, write_recipe
 
 from integrations.recipe_guard import check_recipe
 
@@ -78,14 +78,14 @@ def test_recipe_passes_axolotl_validation_offline(recipe, model_config_dirs, pre
 def test_every_demo_calibration_and_sweep_variant_passes_axolotl_validation(model_config_dirs,
                                                                           prepared_data):
     """The demo's calibration variants (demo.calibrate) and GPU sweep variants
-    (bench.demo_sweep) are the demo recipe with overrides: each, rebuilt on the recipe as it is
+    (demo.sweep) are the demo recipe with overrides: each, rebuilt on the recipe as it is
     now, still passes our guard and Axolotl's schema, with the adapter targets it names."""
     from axolotl.utils.config import validate_config
     from axolotl.utils.dict import DictDefault
 
-    from bench.demo_sweep import SWEEP
     from core.runs import merge_config
     from demo.calibrate import RECIPE, VARIANTS
+    from demo.sweep import SWEEP
 
     base = load(RECIPE)
     problems = []
@@ -164,7 +164,7 @@ def test_axolotl_train_with_missing_data_or_model_stops_with_a_clear_line(what, 
         expected = "base_model `./models/not-built-yet` not found"
     recipe = write_recipe(REPO / "recipes" / "tiny-mistral-cpu.yml", tmp_path / "r.yml",
                           **overrides)
-    proc = subprocess.run([str(VENV_BIN / "axolotl"), "train", str(recipe)], cwd=REPO,
+    proc = subprocess.run(axolotl("train", recipe), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -232,8 +232,8 @@ def test_merge_lora_gives_a_model_that_loads_and_matches_base_plus_adapter(tiny_
         tiny_trained.recipe, tmp_path / "merge.yml",
         plugins=[p for p in gpu["plugins"] if "liger" not in p],
         **{k: gpu[k] for k in ("sdpa_varlen", "optimizer")})
-    proc = run_logged([str(VENV_BIN / "axolotl"), "merge-lora", str(merge_recipe),
-                       "--lora-model-dir", str(out)], tmp_path / "merge.log")
+    proc = run_logged(axolotl("merge-lora", merge_recipe, "--lora-model-dir", str(out)),
+                      tmp_path / "merge.log")
     assert proc.returncode == 0, (tmp_path / "merge.log").read_text()[-3000:]
     merged_dir = out / "merged"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()

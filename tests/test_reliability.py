@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_SECRETS, REPO, VENV_BIN, book_csv_args, run_logged, write_recipe
+from conftest import FAKE_SECRETS, REPO, axolotl, book_csv_args, run_logged, write_recipe
 
 from core.runs import newest_complete_checkpoint
 from integrations.recipe_guard import main as guard_main
 
-AXOLOTL = str(VENV_BIN / "axolotl")
 POLL_TIMEOUT_S = 900
 ERROR_LINE = re.compile(r"^(?:[\w.]+: )?error: ")
 
@@ -107,7 +106,7 @@ def launch(recipe: Path, log: Path) -> subprocess.Popen:
     """`axolotl train recipe` in its own process group (it starts accelerate, which starts
     python: a signal must reach all three, as Ctrl-C or a scheduler's kill would)."""
     with open(log, "w") as handle:
-        return subprocess.Popen([AXOLOTL, "train", str(recipe)], cwd=REPO, env=secret_env(),
+        return subprocess.Popen(axolotl("train", recipe), cwd=REPO, env=secret_env(),
                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -281,7 +280,7 @@ def second_run(tiny_trained, tmp_path_factory) -> SecondRun:
         test_datasets=[{"path": str(data / "eval.jsonl"), "ds_type": "json",
                         "type": "completion", "split": "train"}],
     )
-    train = run_logged([AXOLOTL, "train", str(recipe)], root / "train.log", env=secret_env())
+    train = run_logged(axolotl("train", recipe), root / "train.log", env=secret_env())
     return SecondRun(root, prepared, root / "out", prep.returncode, train.returncode,
                      root / "train.log")
 
@@ -314,7 +313,7 @@ def test_exploding_learning_rate_stops_with_one_line_and_saves_nothing(tiny_trai
     out = tmp_path / "out"
     recipe = write_recipe(tiny_trained.recipe, tmp_path / "nan.yml", output_dir=str(out),
                           learning_rate=1.0e30, eval_steps=None)
-    proc = subprocess.run([AXOLOTL, "train", str(recipe)], cwd=REPO, env=secret_env(),
+    proc = subprocess.run(axolotl("train", recipe), cwd=REPO, env=secret_env(),
                           capture_output=True, text=True, timeout=POLL_TIMEOUT_S)
     assert proc.returncode != 0
     errors = error_lines(proc.stderr)
@@ -411,7 +410,7 @@ def test_axolotl_checkpoint_save_on_a_full_disk(tiny_trained, tmp_path):
                           save_steps=1, max_steps=3, eval_steps=None)
     # 5 MB: room for the tokenizer files written at start (3.5 MB), not for the checkpoint's
     # adapter (8 MB: LoRA + the trained copy of lm_head)
-    proc = run_limited([AXOLOTL, "train", str(recipe)], limit_bytes=5_000_000,
+    proc = run_limited(axolotl("train", recipe), limit_bytes=5_000_000,
                        timeout=POLL_TIMEOUT_S)
     assert proc.returncode != 0
     errors = error_lines(proc.stderr)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, write_recipe
+from conftest import REPO, axolotl, write_recipe
 
 from core.errors import UserError
 from core.runs import (
@@ -38,7 +38,6 @@ from core.runs import (
     write_stop_record,
 )
 
-AXOLOTL = str(VENV_BIN / "axolotl")
 TIMEOUT_S = 600
 ERROR_LINE = re.compile(r"^(?:[\w.]+: )?error: ")
 
@@ -100,7 +99,7 @@ def stopped_run(tiny_trained, tmp_path_factory) -> StoppedRun:
     recipe = write_recipe(tiny_trained.recipe, root / "watchdog.yml", output_dir=str(out),
                           loss_watchdog_threshold=1.0, loss_watchdog_patience=2, max_steps=6,
                           save_steps=2, eval_steps=None)
-    return StoppedRun(recipe, out, run([AXOLOTL, "train", str(recipe)]))
+    return StoppedRun(recipe, out, run(axolotl("train", recipe)))
 
 
 @pytest.mark.slow
@@ -124,7 +123,7 @@ def test_a_watchdog_stop_fails_axolotl_train_in_one_line_and_keeps_the_checkpoin
     assert errors[0].startswith(f"error: {record['summary']}; {record['fix']}. ")
 
     # gpu-check reads the same log and says why the stage ended
-    from bench.gpu_check import early_end_reason
+    from gpu_check.logs import early_end_reason
 
     log_file = out.parent / "train.log"
     log_file.write_text(log)
@@ -150,7 +149,7 @@ def test_eval_export_and_merge_lora_refuse_the_stopped_run_in_one_line(stopped_r
     assert "training stopped early" not in export.stderr
     assert f"converter {tmp_path / 'missing.py'} not found" in export.stderr
 
-    merge = run([AXOLOTL, "merge-lora", str(recipe)])
+    merge = run(axolotl("merge-lora", recipe))
     assert merge.returncode != 0, merge.stdout[-2000:]
     assert error_lines(merge.stderr) == [want["axolotl merge-lora"]]
     assert "Traceback" not in merge.stderr
@@ -178,7 +177,7 @@ def test_training_the_run_again_to_the_end_clears_the_stop(stopped_run, tmp_path
     recipe = write_recipe(stopped_run.recipe, tmp_path / "fixed.yml", output_dir=str(out),
                           loss_watchdog_threshold=None, loss_watchdog_patience=None, max_steps=3)
     assert read_stop_record(out) is not None
-    proc = run([AXOLOTL, "train", str(recipe)])
+    proc = run(axolotl("train", recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"resum\w* from checkpoint at \S*checkpoint-2", proc.stdout + proc.stderr)
     assert read_stop_record(out) is None

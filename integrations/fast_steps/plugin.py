@@ -27,6 +27,7 @@ from pathlib import Path
 
 from core.errors import UserError, reported, stop_on
 from core.files import write_json
+from core.pins import pinned
 from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
 from integrations.fast_steps.dataset_save import save_in_process
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover
 LOG = logging.getLogger(__name__)
 NAME = "integrations.fast_steps.FastStepsPlugin"
 # Axolotl's sdpa_varlen wrapper keeps the stock function under this attribute
-# (axolotl/monkeypatch/attention/sdpa_varlen.py in 0.19.0)
+# (axolotl/monkeypatch/attention/sdpa_varlen.py in the pinned axolotl)
 AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
 COMPILE_REPORT = "fast_steps_compile.json"
@@ -103,11 +104,12 @@ def install_packed_layout(cuda_half_precision: bool = True) -> bool:
             return False
         import axolotl
 
+        written_for = pinned("axolotl")
         raise UserError(
             f"{NAME}: the registered `sdpa` attention is not Axolotl's sdpa_varlen "
-            f"wrapper (axolotl {axolotl.__version__}; written against 0.19.0, whose wrapper keeps "
-            f"the stock function as `{AXOLOTL_ORIGINAL_ATTR}`); set "
-            "`fast_steps_packed_layout: false` or pin axolotl==0.19.0")
+            f"wrapper (axolotl {axolotl.__version__}; written against {written_for}, whose "
+            f"wrapper keeps the stock function as `{AXOLOTL_ORIGINAL_ATTR}`); set "
+            f"`fast_steps_packed_layout: false` or pin axolotl=={written_for}")
     packed = make_packed_sdpa(stock, LAYOUTS)
     packed._fast_steps = True
     setattr(packed, AXOLOTL_ORIGINAL_ATTR, stock)  # Axolotl's unpatch still restores stock sdpa

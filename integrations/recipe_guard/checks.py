@@ -26,6 +26,7 @@ import difflib
 import sys
 from pathlib import Path
 
+from core.diagnostics import cuda_unavailable_problem
 from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
 from core.files import read_jsonl
 from core.runs import load_recipe
@@ -242,8 +243,6 @@ def check_cuda(cfg: dict, source: str) -> list[str]:
         needs.append("attn_implementation")
     if needs and not _cuda_available():
         # a GPU may be there with a driver too old for this torch: say so, not "no GPU"
-        from eval.errors import cuda_unavailable_problem
-
         problem = cuda_unavailable_problem()
         if problem:
             return [f"{source}: needs an NVIDIA GPU ({', '.join(needs)}) and CUDA cannot start: "

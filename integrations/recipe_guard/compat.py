@@ -5,6 +5,8 @@ against the pinned Axolotl. Before patching, `patch_target` checks that the meth
 that either Axolotl is the pinned version or the method's signature still has the parameters
 the wrapper binds; otherwise training stops with one line naming the method, the versions and
 the option that turns the fix off, instead of the fix doing nothing without a word.
+The fixes (resume.py, saving.py) call `patch_target`; the plugin checks every target the recipe's
+options need in `register()`, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import inspect
 from collections.abc import Callable
 
 from core.errors import UserError
+from core.pins import pinned
 
 NAME = "integrations.recipe_guard.RecipeGuardPlugin"
-PINNED_AXOLOTL = "0.19.0"  # keep equal to pyproject.toml's pin
+PINNED_AXOLOTL = pinned("axolotl")  # the version pyproject.toml installs
 
 
 def axolotl_version() -> str:
@@ -45,23 +48,3 @@ def patch_target(owner, name: str, params: tuple[str, ...], option: str) -> Call
                         f"{', '.join(missing)}, which `{option}` relies on (written against "
                         f"axolotl {PINNED_AXOLOTL}): {fix}")
     return method
-
-
-def check_patch_targets(cfg) -> None:
-    """Every patch target the recipe's enabled options need, on Axolotl's classes (before the
-    model is loaded: a mismatch costs seconds, not a model load)."""
-    from axolotl.core.trainers.base import AxolotlTrainer
-
-    from integrations.recipe_guard.args import option
-    from integrations.recipe_guard.resume import RESUME_TARGET, SAMPLER_PARAMS
-    from integrations.recipe_guard.saving import SAVE_OPTION
-
-    if option(cfg, SAVE_OPTION):
-        patch_target(AxolotlTrainer, "_save_checkpoint", (), SAVE_OPTION)
-    if option(cfg, "recipe_guard_exact_resume") and cfg.get("sample_packing"):
-        patch_target(AxolotlTrainer, "_create_multipack_sampler", SAMPLER_PARAMS,
-                     "recipe_guard_exact_resume")
-    if option(cfg, "recipe_guard_skip_incomplete_checkpoints"):
-        module, function = RESUME_TARGET
-        patch_target(__import__(module, fromlist=[function]), function, ("cfg",),
-                     "recipe_guard_skip_incomplete_checkpoints")

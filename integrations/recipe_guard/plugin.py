@@ -6,7 +6,7 @@
 Axolotl calls `register()` before it validates the config, so `axolotl train recipes/x.yml`
 stops with one clear line per problem (checks.py) instead of a traceback wall, and first
 checks that the Axolotl internals the fixes below patch are the ones they were written for
-(compat.py). Then, each an option of args.py (all on by default):
+(`check_patch_targets`, with compat.py). Then, each an option of args.py (all on by default):
 - `recipe_guard_seed_lora`: `seed` also seeds the LoRA initialisation (`pre_lora_load`);
 - `recipe_guard_exact_resume`: the packed order depends only on (seed, epoch) (resume.py);
 - `recipe_guard_skip_incomplete_checkpoints`: auto-resume skips a checkpoint cut short
@@ -28,9 +28,16 @@ from core.errors import reported, stop_on
 from integrations.recipe_guard.args import option
 from integrations.recipe_guard.callbacks import FiniteLossCallback
 from integrations.recipe_guard.checks import check_recipe
-from integrations.recipe_guard.compat import check_patch_targets
+from integrations.recipe_guard.compat import patch_target
 from integrations.recipe_guard.cpu_processes import train_on_cpus
-from integrations.recipe_guard.resume import seed_packed_order, skip_incomplete_checkpoints
+from integrations.recipe_guard.resume import (
+    RESUME_OPTION,
+    RESUME_TARGET,
+    SAMPLER_OPTION,
+    SAMPLER_PARAMS,
+    seed_packed_order,
+    skip_incomplete_checkpoints,
+)
 from integrations.recipe_guard.saving import SAVE_OPTION, one_line_save_errors
 from integrations.recipe_guard.stops import (
     STOP_OPTION,
@@ -45,6 +52,20 @@ try:  # the plugin base class only exists where axolotl is installed
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - the checks and the CLI work without it
     BasePlugin = object
+
+
+def check_patch_targets(cfg) -> None:
+    """Every patch target the recipe's enabled options need, on Axolotl's classes (before the
+    model is loaded: a mismatch costs seconds, not a model load)."""
+    from axolotl.core.trainers.base import AxolotlTrainer
+
+    if option(cfg, SAVE_OPTION):
+        patch_target(AxolotlTrainer, "_save_checkpoint", (), SAVE_OPTION)
+    if option(cfg, SAMPLER_OPTION) and cfg.get("sample_packing"):
+        patch_target(AxolotlTrainer, "_create_multipack_sampler", SAMPLER_PARAMS, SAMPLER_OPTION)
+    if option(cfg, RESUME_OPTION):
+        module, function = RESUME_TARGET
+        patch_target(__import__(module, fromlist=[function]), function, ("cfg",), RESUME_OPTION)
 
 
 def running_preprocess() -> bool:
@@ -77,7 +98,7 @@ class RecipeGuardPlugin(BasePlugin):
         with reported():
             if option(cfg, SAVE_OPTION):
                 one_line_save_errors(trainer)
-            if option(cfg, "recipe_guard_exact_resume") and cfg.get("sample_packing"):
+            if option(cfg, SAMPLER_OPTION) and cfg.get("sample_packing"):
                 seed = cfg.get("seed")
                 seed_packed_order(trainer, trainer.args.seed if seed is None else seed)
             # Axolotl's auto-resume runs after this hook

@@ -1,4 +1,4 @@
-"""One-line, true messages for what goes wrong on the GPU path before any scoring starts.
+"""One-line, true messages for what goes wrong on the GPU path, shared by training and evaluation.
 
 - Hugging Face hub refusals while fetching a model: a gated model whose terms the account has not
   accepted (or no token at all), an invalid token, a token without the permission, a model id
@@ -10,7 +10,9 @@
 Each `*_problem` function returns a message, or None when the failure is not of its kind (the
 caller then keeps its own message). They read real exception objects (and their `__cause__`
 chain: transformers wraps huggingface_hub's errors in an OSError) or the error text torch
-prints, so they can be checked on a machine without a GPU or a network.
+prints, so they can be checked on a machine without a GPU or a network. Used by the evaluation
+(eval/common.py), the recipe guard's CUDA check (integrations/recipe_guard/checks.py) and
+gpu-check's choice of model; torch and huggingface_hub are imported only inside the functions.
 """
 
 from __future__ import annotations

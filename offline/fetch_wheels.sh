@@ -1,51 +1,64 @@
 #!/usr/bin/env bash
-# bench/fetch_gpu_wheels.sh DEST [--no-liger]
+# offline/fetch_wheels.sh DEST --python X.Y [--small] [--no-liger]
 #
-# Downloads, on a machine with pip access to PyPI, the wheels that `python -m bench.gpu_check`
-# (and bench/run_device.sh) need on an offline GPU box that already has Python 3.12 with a CUDA
-# build of torch, transformers, tokenizers, sentencepiece, safetensors, numpy, pandas, pyarrow,
-# matplotlib, pyyaml, requests, tqdm, psutil and pytest (a typical CUDA/PyTorch image), but
-# none of axolotl, bitsandbytes, datasets, trl, pydantic, mistral-common. Everything is pinned,
-# py3.12 / manylinux x86_64, fetched with --no-deps; the set is small enough (~24 MiB) to copy
-# along with the repository.
+# On a machine with pip access to PyPI: the wheels a GPU box WITHOUT internet needs to train,
+# evaluate and merge with this repository (`python -m gpu_check`, bench/run_device.sh), for the
+# box's Python X.Y on manylinux x86_64. The box must already have a CUDA build of torch and the
+# usual packages of a CUDA/PyTorch image: transformers, tokenizers, sentencepiece, safetensors,
+# numpy, pandas, pyarrow, matplotlib, pyyaml, requests, tqdm, psutil, pytest. Everything here is
+# pinned and fetched with --no-deps (axolotl's own ~60 requirements include gradio, modal,
+# lm_eval, ... that no command of this repository imports). offline/README.md is the whole way.
 #
-# What it covers (the imports of each stage of the GPU check):
+# What it covers (the imports of each command):
 #   axolotl train / merge-lora   python -m axolotl.cli.train|merge_lora (QLoRA, sdpa, Liger)
-#   python -m data_prep          the Mistral-7B tokenizer file (see mistral-common below)
 #   python -m eval               peft, bitsandbytes (nf4), matplotlib (the image's)
-#   bench.build_random_mistral   transformers, the tokenizer as above
-# Of axolotl's ~60 declared requirements only the ones imported on these paths are fetched;
-# gradio, modal, lm_eval, torchao, kernels, optimum, xformers, flash-attn, s3fs/gcsfs, ... are
-# not needed there.
+#   python -m data_prep          the Mistral-7B tokenizer file of mistral-common (see --small)
+# Versions: axolotl and mistral-common as pyproject.toml pins them (read from it); the rest at
+# axolotl's own pins (transformers 5.16.1, peft 0.20.0, accelerate 1.13.0, huggingface_hub
+# 1.17.0: on PYTHONPATH they shadow other versions in the image). tokenizers: the image's
+# (transformers 5.16.1 accepts >=0.23.1,<0.24). axolotl-contribs-lgpl / -mit are sdist-only on
+# PyPI: built here into pure-python wheels.
 #
-# Deliberate differences from `pip install -e .`:
-#   * transformers/peft/accelerate/huggingface_hub at axolotl 0.19.0's own pins
-#     (5.16.1 / 0.20.0 / 1.13.0 / 1.17.0): on PYTHONPATH they shadow newer ones in the image.
-#     tokenizers: the image's 0.23.x is used (transformers 5.16.1 accepts >=0.23.1,<0.24).
-#   * bitsandbytes 0.50.2 (43 MB, one native library per CUDA/ROCm/XPU version) is repacked
-#     with only libbitsandbytes_cuda130.so (torch cu130) and libbitsandbytes_cpu.so: ~3.4 MiB.
-#     Set BNB_CUDA=cuda128 (etc.) for a torch built for another CUDA version.
-#   * wandb is a 1 kB import-only stub (axolotl imports it at module level, uses it only when
-#     wandb_project is set; do not set wandb_project with this set).
-#   * mistral-common is a stub holding only the Mistral-7B-v0.1 tokenizer file
-#     (mistral_common/data/tokenizer.model.v1, 0.5 MB) that data_prep and the model builder read.
-#     Its version is 0.0.0+tokenizeronly, below what transformers requires for its own
-#     mistral-common integration, so transformers never tries to use the missing parts.
-#   * axolotl-contribs-lgpl / -mit are sdist-only on PyPI: built here into pure-python wheels.
+# wandb and mistral-common are NOT fetched by default: axolotl imports wandb at module level,
+# and the Mistral tokenizer file comes from mistral-common, so the box's image must have both
+# (offline/install.sh checks, and says so in one line). --small instead carries stand-ins, and
+# says so wherever they are installed (offline/install.sh prints it):
+#   * wandb 0.0.0+axolotlstub: import-only (no `run`, so transformers' is_wandb_available() is
+#     False; any other use raises "wandb is an import-only stub"): do not set wandb_project.
+#   * mistral_common 0.0.0+tokenizeronly: only mistral_common/data/tokenizer.model.v1 of
+#     mistral-common (the file data_prep and the model builder read); its version is below what
+#     transformers needs for its own mistral-common integration, so transformers never uses it.
+#   * bitsandbytes repacked with one CUDA library (BNB_CUDA, default cuda130 for torch cu130)
+#     and the CPU one: ~3.4 MiB instead of 43 MiB; set BNB_CUDA=cuda128 (etc.) for another CUDA.
+# With --small the set is ~24 MiB (checked below 40 MiB); without it, about 65 MiB.
 #
-# On the GPU box, from the repository root (install ALL wheels in ONE pip call: axolotl and the
-# two contribs wheels share the axolotl/ package directory, and a second `--target --upgrade`
-# run would replace it):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-#     --target /tmp/site DEST/*.whl && export PYTHONPATH=/tmp/site
-#   HF_HUB_OFFLINE=1 python3 -m bench.gpu_check --launcher python
-# (`axolotl train` re-launches through the `accelerate` command, which a --target install does
-# not put on PATH; --launcher python runs `python -m axolotl.cli.train` instead.)
+# Then copy DEST along with the checkout and, on the box, from the checkout's root:
+#   bash offline/install.sh DEST          # all wheels in ONE pip call (axolotl and the contribs
+#                                         # wheels share the axolotl/ package directory)
+#   bash offline/run.sh python3 -m gpu_check --launcher python
 set -euo pipefail
 
-DEST=${1:?usage: bench/fetch_gpu_wheels.sh DEST [--no-liger]}
-WITH_LIGER=1
-[[ "${2:-}" == "--no-liger" ]] && WITH_LIGER=0
+usage="usage: offline/fetch_wheels.sh DEST --python X.Y [--small] [--no-liger]"
+DEST=${1:?$usage}
+shift
+PYVER="" SMALL=0 WITH_LIGER=1
+while (( $# )); do
+  case $1 in
+    --python) PYVER=${2:?$usage}; shift ;;
+    --small) SMALL=1 ;;
+    --no-liger) WITH_LIGER=0 ;;
+    *) echo "error: unknown option $1; $usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ $PYVER =~ ^3\.[0-9]+$ ]] || { echo "error: --python X.Y (the GPU box's Python, e.g. 3.12) is required; $usage" >&2; exit 2; }
+ABI=cp${PYVER/./}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+pin() {  # pin NAME: the version pyproject.toml pins NAME to
+  sed -nE "s/.*\"$1(\\[[^]]*\\])?==([^\";, ]+)\".*/\\2/p" "$HERE/pyproject.toml" | head -n 1
+}
+AXOLOTL=$(pin axolotl) MISTRAL_COMMON=$(pin mistral-common)
+[[ -n $AXOLOTL && -n $MISTRAL_COMMON ]] || { echo "error: $HERE/pyproject.toml pins no axolotl or mistral-common" >&2; exit 2; }
 PY=${PYTHON:-python3}
 BNB_CUDA=${BNB_CUDA:-cuda130}
 mkdir -p "$DEST"
@@ -53,15 +66,15 @@ DEST=$(cd "$DEST" && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-PIPDL=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
-       --implementation cp --abi cp312 --abi abi3 --abi none
+PIPDL=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER"
+       --implementation cp --abi "$ABI" --abi abi3 --abi none
        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 
 # name==version  # why it is needed (the import that fails without it)
 PINS=(
-  axolotl==0.19.0              # the framework
+  "axolotl==$AXOLOTL"          # the framework (pyproject.toml's pin)
   transformers==5.16.1         # axolotl's pin
   peft==0.20.0                 # axolotl's pin
   accelerate==1.13.0           # axolotl's pin
@@ -96,11 +109,11 @@ done
   axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
 "$PY" -m pip wheel -q --no-deps -w "$DEST" "$WORK"/sdist/*.tar.gz
 
-# mistral-common: only the Mistral-7B-v0.1 tokenizer file
-"${PIPDL[@]}" -d "$WORK/mc" mistral-common==1.11.5
-
-"$PY" - "$DEST" "$WORK" "$BNB_CUDA" <<'PY'
-"""Repack bitsandbytes; write the wandb and mistral-common stub wheels."""
+if [[ $SMALL == 1 ]]; then
+  # the stand-ins and the repacked bitsandbytes described in the header
+  "${PIPDL[@]}" -d "$WORK/mc" "mistral-common==$MISTRAL_COMMON"
+  "$PY" - "$DEST" "$WORK" "$BNB_CUDA" "$MISTRAL_COMMON" <<'PY'
+"""--small: repack bitsandbytes; write the wandb and mistral-common stand-in wheels."""
 import base64
 import glob
 import hashlib
@@ -108,7 +121,7 @@ import os
 import sys
 import zipfile
 
-dest, work, bnb_cuda = sys.argv[1:4]
+dest, work, bnb_cuda, mistral_common = sys.argv[1:5]
 
 
 def record_line(path, data):
@@ -121,7 +134,7 @@ def write_wheel(name, version, files, summary):
     files = dict(files)
     files[f"{dist}/METADATA"] = (f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\n"
                                  f"Version: {version}\nSummary: {summary}\n").encode()
-    files[f"{dist}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: bench/fetch_gpu_wheels.sh\n"
+    files[f"{dist}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: offline/fetch_wheels.sh --small\n"
                               b"Root-Is-Purelib: true\nTag: py3-none-any\n")
     lines = [record_line(p, d) for p, d in files.items()] + [f"{dist}/RECORD,,"]
     files[f"{dist}/RECORD"] = ("\n".join(lines) + "\n").encode()
@@ -153,7 +166,7 @@ print(f"repacked {os.path.basename(src)} ({os.path.getsize(src) / 2**20:.1f} MiB
 
 # wandb: import-only stub
 write_wheel("wandb", "0.0.0+axolotlstub", {"wandb/__init__.py": b'''"""Import-only stand-in
-for wandb (bench/fetch_gpu_wheels.sh): axolotl imports it at module level but only uses it when
+for wandb (offline/fetch_wheels.sh --small): axolotl imports it at module level but only uses it when
 wandb_project is set. It defines no `run`, so transformers' is_wandb_available() is False."""
 __version__ = "0.0.0+axolotlstub"
 
@@ -163,13 +176,14 @@ def __getattr__(attr):
 '''}, "import-only stub")
 
 # mistral-common: the package's __init__.py and the Mistral-7B-v0.1 tokenizer file only
-(mc,) = glob.glob(os.path.join(work, "mc", "mistral_common-1.11.5-*.whl"))
+(mc,) = glob.glob(os.path.join(work, "mc", f"mistral_common-{mistral_common}-*.whl"))
 with zipfile.ZipFile(mc) as z:
     files = {p: z.read(p) for p in ("mistral_common/__init__.py",
                                     "mistral_common/data/tokenizer.model.v1")}
 write_wheel("mistral_common", "0.0.0+tokenizeronly", files,
-            "mistral-common 1.11.5 reduced to the Mistral-7B-v0.1 tokenizer file")
+            f"mistral-common {mistral_common} reduced to the Mistral-7B-v0.1 tokenizer file")
 PY
+fi
 
 # one version of each package, and the size check
 dups=$(ls "$DEST"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z_.' 'a-z--' | sort | uniq -d)
@@ -177,4 +191,4 @@ dups=$(ls "$DEST"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z_.' 'a-z--' 
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 ls -la "$DEST"
 echo "total: $((total / 1048576)) MiB in $(ls "$DEST"/*.whl | wc -l) wheels"
-(( total < 40 * 1048576 )) || { echo "error: over 40 MiB of wheels" >&2; exit 1; }
+(( SMALL == 0 || total < 40 * 1048576 )) || { echo "error: over 40 MiB of wheels with --small" >&2; exit 1; }

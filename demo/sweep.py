@@ -1,15 +1,16 @@
-"""python -m bench.demo_sweep: many variants of the CPU demo recipe at once, on a GPU box.
+"""python -m demo.sweep: many variants of the CPU demo recipe at once, on a GPU box.
 
 Usage:
-    python -m bench.demo_sweep --list
-    python -m bench.demo_sweep [NAME ...] [--parallel 10] [--budget-s 420] [--out DIR]
+    python -m demo.sweep --list
+    python -m demo.sweep [NAME ...] [--parallel 10] [--budget-s 420] [--out DIR]
+    python -m demo.sweep recipe --max-steps 2 --max-rows 2 --out /tmp/s   # a CPU smoke test
 
 A calibration run of the demo recipe (`python -m demo.calibrate NAME`) takes about 20 minutes
 on a 2-core CPU; on one GPU dozens of variants fit in a few minutes. Each variant here is
 recipes/smollm2-demo-cpu.yml with a few keys overridden: `axolotl train` on it (in fp32, or
 under bf16 autocast where the variant sets `bf16_autocast: true`; one process per variant, up
-to --parallel at a time), then the demo's own evaluation (`python -m eval RUN`) scored in fp32,
-as on the CPU, so the perplexities are comparable with the CPU calibration rows. GPU kernels
+to --parallel at a time), then the demo's own evaluation (`python -m eval RUN --fp32`) scored in
+fp32, as on the CPU, so the perplexities are comparable with the CPU calibration rows. GPU kernels
 still take a slightly different training path than the CPU's, so the sweep ranks settings and
 measures seed-to-seed spread; a setting worth taking is then confirmed by `make demo` on a CPU
 (docs/demo.md).
@@ -24,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core.runs import PERPLEXITY_JSON, write_recipe
-from demo.calibrate import MLP_ONLY, PASSAGE_START, RECIPE, REPO, lora, run_result
+from core.launch import axolotl_command, environment, run_logged
+from core.runs import EVAL_SUBDIR, PERPLEXITY_JSON, write_recipe
+from demo.calibrate import MLP_ONLY, PASSAGE_START, RECIPE, lora, run_result
 
 # the demo recipe before this sweep: r16 on every linear layer, lr 2e-3 cosine, 80 steps of
 # 3 x 512 packed tokens (the rows' recorded overrides are relative to it)
@@ -202,19 +202,19 @@ def variant_recipe(name: str, out: Path, max_steps: int | None = None) -> Path:
 
 def run_one(name: str, out: Path, threads: int, max_steps: int | None = None,
             max_rows: int | None = None) -> dict:
+    """Train one variant, then score it as the demo does (in fp32); its result row."""
     recipe = variant_recipe(name, out, max_steps)
     run_dir = recipe.parent
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = environment(OMP_NUM_THREADS=str(threads))
+    log = run_dir / "run.log"
+    score = [sys.executable, "-m", "eval", str(run_dir), "--fp32", "--no-progress", "--skip",
+             "report", *(["--max-rows", str(max_rows)] if max_rows else [])]
     start = time.perf_counter()
-    with open(run_dir / "run.log", "w") as log:
-        for argv in ([sys.executable, "-m", "axolotl.cli.train", str(recipe)],
-                     [sys.executable, "-m", "bench.demo_sweep", "--score", str(run_dir),
-                      *(["--max-rows", str(max_rows)] if max_rows else [])]):
-            proc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            if proc.returncode:
-                return {"name": name, "error": f"{argv[2]} exited {proc.returncode}",
-                        "log": str(run_dir / "run.log")}
-    ppl = json.loads((run_dir / "eval" / PERPLEXITY_JSON).read_text())
+    for mode, argv in (("w", axolotl_command("train", recipe, launcher="python")), ("a", score)):
+        returncode, _ = run_logged(argv, log, env, mode=mode)
+        if returncode:
+            return {"name": name, "error": f"{argv[2]} exited {returncode}", "log": str(log)}
+    ppl = json.loads((run_dir / EVAL_SUBDIR / PERPLEXITY_JSON).read_text())
     return {
         "name": name,
         "overrides": SWEEP[name],
@@ -223,22 +223,6 @@ def run_one(name: str, out: Path, threads: int, max_steps: int | None = None,
         "device": ppl.get("device"),
         "dtype": ppl.get("dtype"),
     }
-
-
-def score(run_dir: Path, max_rows: int | None = None) -> int:
-    """The demo's evaluation of one run (`python -m eval RUN`), its models in fp32 on the GPU."""
-    import torch
-
-    from eval import common, pipeline
-
-    def fp32_on_this_device(load_in_4bit: bool = False):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return device, torch.float32
-
-    # eval.common picks bf16 on CUDA; the CPU calibration rows are fp32
-    common.resolve_device = fp32_on_this_device
-    return pipeline.main([str(run_dir), "--no-progress", "--skip", "report",
-                          *(["--max-rows", str(max_rows)] if max_rows else [])])
 
 
 def seconds(value: float | None) -> str:
@@ -259,7 +243,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.sweep",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="variants to run (default: all, in order)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("--parallel", type=int, default=10, help="variants at a time")
@@ -270,10 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int,
                         help="every variant's steps (a quick smoke test of the sweep itself)")
     parser.add_argument("--max-rows", type=int, help="score only the first N rows of each file")
-    parser.add_argument("--score", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.score:
-        return score(args.score, args.max_rows)
     if args.list:
         for name, overrides in SWEEP.items():
             print(f"{name}: {overrides}")
