@@ -32,6 +32,7 @@ def evaluate(recipe: str, adapter: str, work: str, packed: bool, plugin: bool, m
 
     plugins = ["integrations.recipe_guard.RecipeGuardPlugin"] + ([PLUGIN] if plugin else [])
     cfg = load_cfg(recipe, eval_sample_packing=packed, micro_batch_size=mbs, plugins=plugins,
+                   use_tensorboard=False,  # TensorBoard would write runs/ into the working dir
                    lora_model_dir=adapter, output_dir=f"{work}/out-{packed}-{plugin}-{mbs}",
                    dataset_prepared_path=f"{work}/prepared-{packed}-{mbs}")
     meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
