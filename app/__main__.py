@@ -83,22 +83,18 @@ def plan(args) -> dict:
     from eval import pipeline
     from eval.common import resolve_model_arg
 
-    argv = [str(args.target)]
-    for flag, value in (("--model", args.model), ("--train", args.train),
-                        ("--eos-token", args.eos_token), ("--pad-token", args.pad_token)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.load_in_4bit is not None:
-        argv.append("--load-in-4bit" if args.load_in_4bit else "--no-load-in-4bit")
-    p = pipeline.plan(pipeline.parse_args(argv))  # the run and its adapter, checked
-    p["model"], _ = resolve_model_arg(p["model"], p["run_dir"])  # the base model exists
-    p["tokenizer"] = args.tokenizer
-    if args.no_memorisation:
-        p["train"] = None
-    elif not Path(p["train"]).is_file():
-        raise UserError(f"training text {p['train']} not found (for the memorisation share): "
+    p = pipeline.plan(pipeline.Options(  # the run and its adapter, checked
+        target=args.target, model=args.model, load_in_4bit=args.load_in_4bit, train=args.train,
+        no_memorisation=args.no_memorisation, tokenizer=args.tokenizer,
+        eos_token=args.eos_token, pad_token=args.pad_token))
+    model, _ = resolve_model_arg(p.model, p.run.output_dir)  # the base model exists
+    train = p.generation.train
+    if train is not None and not Path(train).is_file():
+        raise UserError(f"training text {train} not found (for the memorisation share): "
                         "run `python -m data_prep`, pass --train FILE or --no-memorisation")
-    return p
+    return {"run": p.run, "run_dir": p.run.output_dir, "model": model,
+            "load_in_4bit": p.load_in_4bit, "tokenizer": args.tokenizer, "train": train,
+            "eos_token": p.generation.eos_token, "pad_token": p.generation.pad_token}
 
 
 def check_device(args, p: dict) -> None:

@@ -210,10 +210,11 @@ def eval_generate_greedy(target: str, tmp_path: Path) -> dict[str, str]:
     from eval.generate import main as generate_main
 
     p = pipeline.plan(pipeline.parse_args([target]))
-    argv = ["--model", p["model"], "--adapter", str(p["run_dir"]), "--prompt", PROMPT,
+    argv = ["--model", p.model, "--adapter", str(p.run.output_dir), "--prompt", PROMPT,
             "--samples", "0", "--max-new-tokens", str(NEW_TOKENS), "--no-memorisation",
             "--out", str(tmp_path / "generate")]
-    for flag, value in (("--eos-token", p["eos_token"]), ("--pad-token", p["pad_token"])):
+    for flag, value in (("--eos-token", p.generation.eos_token),
+                        ("--pad-token", p.generation.pad_token)):
         if value:
             argv += [flag, value]
     assert generate_main(argv) == 0
