@@ -280,3 +280,14 @@ def demo_export(short_demo_run) -> DemoExport:
     proc = run_logged([sys.executable, "-m", "export", str(short_demo_run), "--out", str(out),
                        "--name", name], log, timeout=900)
     return DemoExport(short_demo_run, out, name, log, proc.returncode)
+
+
+def say(request, line: str) -> None:
+    """One line on the terminal even while pytest captures output."""
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None:  # pragma: no cover - plugins disabled
+        print(line, file=sys.stderr)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import REPO
+from conftest import REPO, say
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags for a sandboxed CI machine as root, with no network beyond 127.0.0.1: without the
@@ -46,17 +46,6 @@ WATCH_PANES = """() => {
   };
   requestAnimationFrame(sample);
 }"""
-
-
-def say(request, line: str) -> None:
-    """One line on the terminal even while pytest captures output."""
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is None or capture is None:  # pragma: no cover - plugins disabled
-        print(line, file=sys.stderr)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
 
 
 def free_port() -> int:

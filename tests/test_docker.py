@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COMPOSE, find_real_csv, write_synthetic_book
+from conftest import COMPOSE, find_real_csv, say, write_synthetic_book
 
 from core.files import write_json
 
@@ -97,19 +97,8 @@ def _record(name: str, seconds: float) -> None:
     FIGURES[name] = _minutes(seconds)
 
 
-def _say(request, line: str) -> None:
-    """One line on the terminal even while pytest captures output."""
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is None or capture is None:  # pragma: no cover - plugins disabled
-        print(line, file=sys.stderr)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
-
-
 def _skip(request, reason: str):
-    _say(request, f"test_docker: SKIPPED, containers cannot run here: {reason}")
+    say(request, f"test_docker: SKIPPED, containers cannot run here: {reason}")
     pytest.skip(f"containers cannot run here: {reason}")
 
 
