@@ -95,8 +95,15 @@ def fresh_environment(root: Path, wheel: Path) -> Path:
     here = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
     (purelib / "dependencies-installed-here.pth").write_text(
         "".join(f"{path}\n" for path in dict.fromkeys(here)))
+    # --ignore-installed: the editable install of this checkout, seen through the .pth, would
+    # otherwise count as "already satisfied" and the wheel would not be installed at all
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+                    "--no-deps", "--no-index", "--ignore-installed", str(wheel)], check=True,
+                   timeout=300, cwd=root)
+    installed = subprocess.run([python, "-c", "import importlib.metadata as m; "
+                                "print(m.distribution('frankenstein-qlora').locate_file(''))"],
+                               capture_output=True, text=True, check=True, cwd=root).stdout
+    assert Path(installed.strip()).is_relative_to(root), installed  # the wheel's, not ours
     return python
 
 
