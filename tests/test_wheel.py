@@ -84,6 +84,10 @@ def copy_of_the_checkout(target: Path) -> Path:
     return target
 
 
+def without_pythonpath() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def fresh_environment(root: Path, wheel: Path) -> Path:
     """A new virtual environment holding the wheel, with this one's packages on its path."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
@@ -95,14 +99,17 @@ def fresh_environment(root: Path, wheel: Path) -> Path:
     here = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
     (purelib / "dependencies-installed-here.pth").write_text(
         "".join(f"{path}\n" for path in dict.fromkeys(here)))
-    # --ignore-installed: the editable install of this checkout, seen through the .pth, would
-    # otherwise count as "already satisfied" and the wheel would not be installed at all
+    # Without PYTHONPATH (the tests put the checkout there, and with it the editable install's
+    # metadata), and --ignore-installed: else this checkout counts as "already satisfied" and
+    # the wheel is not installed at all.
+    env = without_pythonpath()
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
                     "--no-deps", "--no-index", "--ignore-installed", str(wheel)], check=True,
-                   timeout=300, cwd=root)
+                   timeout=300, cwd=root, env=env)
     installed = subprocess.run([python, "-c", "import importlib.metadata as m; "
                                 "print(m.distribution('frankenstein-qlora').locate_file(''))"],
-                               capture_output=True, text=True, check=True, cwd=root).stdout
+                               capture_output=True, text=True, check=True, cwd=root,
+                               env=env).stdout
     assert Path(installed.strip()).is_relative_to(root), installed  # the wheel's, not ours
     return python
 
@@ -119,7 +126,7 @@ def test_the_wheel_ships_every_plugin_and_the_demo_recipe_validates(tmp_path):
     outside.mkdir()
     request = {"plugins": recipe_plugins(), "packages": integration_packages(),
                "recipe": yaml.safe_load(DEMO_RECIPE.read_text())}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = without_pythonpath()
     proc = subprocess.run([python, "-c", PROBE, json.dumps(request)], cwd=outside, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
