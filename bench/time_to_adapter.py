@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.timeline import ENV_TIMELINE, breakdown
 from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
 from core.files import append_jsonl, read_jsonl
-from core.launch import axolotl_command, environment, run_logged
+from core.launch import axolotl_command, environment, run_logged, shown
 from core.runs import load_recipe, parse_overrides, write_recipe
 from core.runs import merge_config as merge
 
@@ -77,7 +77,7 @@ def run(args, recipe: dict, sets: dict) -> dict:
     timeline = run_dir / "timeline.jsonl"
     env = environment(**{ENV_TIMELINE: str(timeline)})
     argv = command(config, args.launcher)
-    print(f"[time_to_adapter] {args.label}: $ {' '.join(argv)}", flush=True)
+    print(f"[time_to_adapter] {args.label}: $ {shown(argv)}", flush=True)
     log_path = run_dir / "log.txt"
     launched = time.time()
     returncode, _ = run_logged(argv, log_path, env)

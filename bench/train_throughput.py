@@ -49,7 +49,7 @@ from bench.flops import H100_MEASURED_MATMUL_FLOPS, H100_PEAK_BF16_FLOPS, utilis
 from bench.variants import DEFAULT_VARIANTS, LORA_KERNELS, VARIANTS, expand_overrides
 from core.errors import EXIT_FAILED, EXIT_OK, UserError, cli
 from core.files import append_jsonl, read_jsonl
-from core.launch import CODE_ROOT, axolotl_command, environment, run_logged
+from core.launch import CODE_ROOT, axolotl_command, environment, run_logged, shown
 from core.runs import (
     EVAL_SUBDIR,
     PERPLEXITY_JSON,
@@ -134,7 +134,7 @@ def subprocess_env(label: str, steps_path: Path, threads: int | None, processes:
 
 def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float) -> tuple[int, bool]:
     """Run in its own session (so a timeout kills launcher and workers); (returncode, timed_out)."""
-    log_path.write_text("$ " + " ".join(argv) + "\n")
+    log_path.write_text("$ " + shown(argv) + "\n")
     return run_logged(argv, log_path, env, timeout_s=timeout_s, grace_s=KILL_GRACE_S, mode="a")
 
 

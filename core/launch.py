@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,23 @@ def command_path(name: str) -> str | None:
     """A command of this Python's environment, else one on PATH, else None."""
     own = bin_dir() / name
     return str(own) if own.is_file() else shutil.which(name)
+
+
+def shown(argv: list[str]) -> str:
+    """A command as logs and summaries print it: this Python's own commands by their names
+    (`python`, `axolotl`), paths inside the checkout relative to it, so that a log reads the same
+    on every machine and names no folder of the one it ran on."""
+    words = []
+    for word in map(str, argv):
+        path = Path(word)
+        if word == sys.executable:
+            word = "python"
+        elif path.is_absolute() and path.parent == bin_dir():
+            word = path.name
+        elif path.is_absolute() and path.is_relative_to(CODE_ROOT):
+            word = str(path.relative_to(CODE_ROOT))
+        words.append(word)
+    return shlex.join(words)
 
 
 def resolve_launcher(launcher: str = "auto") -> str:

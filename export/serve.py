@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 from core.errors import UserError, cli
+from core.launch import shown
 from core.ports import check_listen
 from core.runs import Run
 
@@ -126,7 +126,7 @@ def run(argv=None) -> None:
     check_server_installed()
     check_listen(args.host, args.port, what="the server")
     command = server_command(gguf, name, args.host, args.port, args.n_ctx, args.extra)
-    print("serve: $ " + shlex.join(["python", *command[1:]]))
+    print("serve: $ " + shown(command))
     print(f"serve: OpenAI-compatible API on http://{args.host}:{args.port}/v1, model "
           f'"{name}" ({gguf.name}); Ctrl-C to stop', flush=True)
     # uvicorn inside llama_cpp.server prefers $HOST / $PORT over its own options.

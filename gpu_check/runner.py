@@ -11,7 +11,6 @@ waiting for it go on. The stages run in threads, two GPU lanes at once.
 
 from __future__ import annotations
 
-import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.launch import CODE_ROOT, environment, stop_group
+from core.launch import CODE_ROOT, environment, shown, stop_group
 from gpu_check.logs import early_end_reason, last_error_line
 from gpu_check.monitor import GpuMonitor, gpu_inventory
 
@@ -96,7 +95,7 @@ class Runner:
             env: dict | None = None) -> int | None:
         """Run `cmd` as the stage's process (own process group), logging to logs/NAME.log;
         `watch()` returning True stops it with SIGTERM (status stays for the caller)."""
-        stage.command = shlex.join(cmd)
+        stage.command = shown(cmd)
         stage.gpu = gpu
         stage.log = str(self.logs / f"{stage.name}.log")
         stage.start_s = round(self.elapsed(), 1)

@@ -246,3 +246,17 @@ def test_staged_dir_can_keep_a_folder_another_process_made(tmp_path):
         (target / "tokenizer.model").write_text("theirs")
     assert (target / "tokenizer.model").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_shown_command_names_no_folder_of_this_machine(tmp_path):
+    import sys
+
+    from core.launch import CODE_ROOT, bin_dir, shown
+
+    argv = [sys.executable, "-m", "bench.unsloth_peer", "--train-jsonl",
+            str(CODE_ROOT / "data" / "prepared" / "clean" / "train.jsonl"), "--out",
+            str(tmp_path / "a b")]
+    assert shown(argv) == ("python -m bench.unsloth_peer --train-jsonl "
+                           f"data/prepared/clean/train.jsonl --out '{tmp_path / 'a b'}'")
+    assert shown([str(bin_dir() / "axolotl"), "train", "recipes/x.yml"]) == \
+        "axolotl train recipes/x.yml"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, find_real_csv, real_csv_or_skip, write_synthetic_book
 
-from data_prep.prepare import main, read_rows
+from data_prep.csv_input import read_rows
+from data_prep.prepare import main
 from data_prep.tokenizer import count_tokens
 
 BOILERPLATE = ("Project Gutenberg", "PROJECT GUTENBERG", "*** START", "*** END", "CONTENTS",
@@ -327,10 +328,10 @@ def test_a_row_read_differently_by_pandas_is_one_line_naming_it(tmp_path, capsys
                                                                 monkeypatch):
     """The cross-check itself, with pandas made to cut a field as its C parser did at a NUL (no
     real input is known to make pandas and the csv module disagree any more)."""
-    import data_prep.prepare as prepare
+    import data_prep.csv_input as csv_input
 
-    read = prepare.pandas_text_column
-    monkeypatch.setattr(prepare, "pandas_text_column",
+    read = csv_input.pandas_text_column
+    monkeypatch.setattr(csv_input, "pandas_text_column",
                         lambda *a: [v[:12] for v in read(*a)])
     bad = write_csv(tmp_path / "cut.csv", ["short", "It was on a dreary night of November"])
     before = tree_digest(good_outputs)

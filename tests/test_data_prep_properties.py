@@ -36,7 +36,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from core.files import read_text_rows
-from data_prep.prepare import DEFAULT_MAX_ROW_CHARS, main
+from data_prep.csv_input import DEFAULT_MAX_ROW_CHARS
+from data_prep.prepare import main
 
 PREVIOUS = {"seed/train.jsonl": b'{"text": "an earlier run"}\n',
             "seed/eval.jsonl": b'{"text": "its held-out row"}\n',
