@@ -383,6 +383,8 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
     profiled = os.environ.get("BENCH_PROFILE_VARIANTS")
     if profiled and name not in profiled.split(","):  # the profiler slows the rest of a run
         env.pop("BENCH_PROFILE_STEP", None)
+    if kind != "axolotl" and not ({"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ)):
+        env.pop("PYTORCH_ALLOC_CONF", None)  # the `axolotl` command's allocator; the peers run plain
     gpus = args.gpus if kind == "axolotl" else 1
     warmup, _ = warmup_and_steps(name, args)
     if gpus == 1 and args.gpus > 1:  # the notebook and eval are single-GPU programs

@@ -167,6 +167,9 @@ VARIANTS: dict[str, dict] = {
                                        "fast_steps_bf16_lora": False},
                          "about": "gradient checkpointing, bitsandbytes' paged 8-bit AdamW on "
                                   "fp32 LoRA weights (0.5 GiB less optimizer state)"},
+    "recipe_8gb": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml", "overrides": {},
+                   "about": "recipes/mistral-qlora-8gb.yml as shipped (gradient checkpointing, "
+                            "paged 8-bit AdamW on fp32 LoRA weights)"},
     "lowmem_offload": {"kind": "axolotl", "overrides": {"gradient_checkpointing": "offload"},
                        "about": "checkpointed layer inputs offloaded to CPU memory"},
     # -- peers a user could run instead ---------------------------------------------------

@@ -28,6 +28,9 @@ The environment (`environment()`), on top of the caller's:
     PYTHONPATH              this code's root first, so every process runs the same code (the
                             recipes' plugins are ours)
     PYTHONUNBUFFERED=1      logs written as they happen
+    PYTORCH_ALLOC_CONF=expandable_segments:True unless either allocator variable is set: what
+                            the `axolotl` command sets for every verb, so `python -m
+                            axolotl.cli.VERB` and the launchers allocate GPU memory as it does
     NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1
                             multicast NVLink can take a shared host's GPUs out of service
 
@@ -59,6 +62,7 @@ MODULES = {"train": "axolotl.cli.train", "merge-lora": "axolotl.cli.merge_lora",
 MULTI_GPU_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                     "NVSHMEM_DISABLE_NVLS": "1"}
 KILL_GRACE_S = 60
+AXOLOTL_ALLOC_CONF = "expandable_segments:True"  # axolotl.utils.set_pytorch_cuda_alloc_conf
 
 
 def bin_dir() -> Path:
@@ -134,6 +138,8 @@ def environment(base: Mapping[str, str] | None = None, *, hub: bool = False,
     env["PATH"] = _prepend(str(bin_dir()), env.get("PATH"))
     env["PYTHONPATH"] = _prepend(str(CODE_ROOT), env.get("PYTHONPATH"))
     env["PYTHONUNBUFFERED"] = "1"
+    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_ALLOC_CONF"] = AXOLOTL_ALLOC_CONF
     env.update(MULTI_GPU_SAFETY)
     env.update({key: str(value) for key, value in extra.items()})
     return env

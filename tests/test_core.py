@@ -260,3 +260,27 @@ def test_a_shown_command_names_no_folder_of_this_machine(tmp_path):
                            f"data/prepared/clean/train.jsonl --out '{tmp_path / 'a b'}'")
     assert shown([str(bin_dir() / "axolotl"), "train", "recipes/x.yml"]) == \
         "axolotl train recipes/x.yml"
+
+
+ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def test_launched_commands_allocate_gpu_memory_as_the_axolotl_command_does(monkeypatch):
+    """`python -m axolotl.cli.train` (the bench, gpu-check) skips the allocator setting the
+    `axolotl` command makes for every verb; the launch environment supplies it."""
+    from axolotl.utils import set_pytorch_cuda_alloc_conf
+
+    from core.launch import environment
+
+    for name in ALLOC_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    set_pytorch_cuda_alloc_conf()  # what axolotl.cli.main does before any verb
+    by_axolotl = {name: os.environ.get(name) for name in ALLOC_VARIABLES}
+    assert any(by_axolotl.values())
+    launched = environment(base={})
+    assert {name: launched.get(name) for name in ALLOC_VARIABLES} == by_axolotl
+    # a user's own setting wins, under either name
+    assert environment(base={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}).get(
+        "PYTORCH_ALLOC_CONF") is None
+    assert environment(base={"PYTORCH_ALLOC_CONF": "backend:native"})["PYTORCH_ALLOC_CONF"] == \
+        "backend:native"

@@ -121,12 +121,20 @@ class CompiledLayers:
             modeling = sys.modules[cls.__module__]
             before, after = split_forward(modeling.apply_rotary_pos_emb)
             compiled[cls] = (torch.compile(before, **options), torch.compile(after, **options))
-        for layer in layers:
-            layer.forward = self._forward(layer, type(layer).forward, *compiled[type(layer)])
+        for index, layer in enumerate(layers):
+            layer.forward = self._forward(layer, type(layer).forward, *compiled[type(layer)],
+                                          starts_pass=index == 0)
         self.layers = len(layers)
         return self.layers
 
-    def _forward(self, layer, original: Callable, before: Callable, after: Callable):
+    def _forward(self, layer, original: Callable, before: Callable, after: Callable,
+                 starts_pass: bool = False):
+        # CUDA graphs (reduce-overhead): the first layer's forward begins a new pass, which
+        # torch's graph trees cannot tell by themselves while the previous pass's outputs are
+        # alive (its warm-up then never ends: "Unable to hit fast path of CUDAGraphs"). Not in
+        # a backward pass, where gradient checkpointing runs the layer again.
+        mark_step = starts_pass and self.mode == "reduce-overhead"
+
         def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                     use_cache=False, position_embeddings=None, **kwargs):
             if not layer.training or past_key_values is not None or position_embeddings is None:
@@ -136,6 +144,8 @@ class CompiledLayers:
                                 use_cache=use_cache, position_embeddings=position_embeddings,
                                 **kwargs)
             self.compiled_calls += 1
+            if mark_step and torch._C._current_graph_task_id() == -1:
+                torch.compiler.cudagraph_mark_step_begin()
             cos, sin = position_embeddings
             query, key, value = before(layer, hidden_states, cos, sin)
             output = attention(layer, query, key, value, attention_mask,
