@@ -3,6 +3,7 @@ gives the same results as the code it replaces, and refuses in one line where it
 
 from __future__ import annotations
 
+import gc
 import io
 
 import pytest
@@ -148,6 +149,34 @@ def test_plugin_leaves_merge_and_inference_alone():
         assert plugin.add_callbacks_pre_trainer(cfg, model=None) == []
     with pytest.raises(UserError, match="attn_implementation"):
         plugin.register({**RECIPE_SETTINGS, "attn_implementation": None})
+
+
+@pytest.fixture(autouse=True)
+def collector_unfrozen_after():
+    """register() freezes this process's garbage collector; each test leaves it as it found it."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_config_load_freezes_what_the_imports_made():
+    """Axolotl runs ~20 full collections between config load and the first step (each packing
+    pass of its multipack sampler ends with one); freezing at register() keeps them from walking
+    the objects the imports made. Only live objects are frozen: garbage is collected first."""
+    made_by_imports = [[index] for index in range(200_000)]
+    garbage = [[] for _ in range(1_000)]
+    for item in garbage:
+        item.append(item)  # reference cycles: only a collection frees them
+    del garbage
+    fast_steps.FastStepsPlugin().register(dict(RECIPE_SETTINGS))
+    frozen = gc.get_freeze_count()
+    assert frozen >= len(made_by_imports)
+    gc.unfreeze()
+    assert gc.collect() == 0  # the cycles were collected before the freeze, not frozen
+    for cfg in ({**RECIPE_SETTINGS, "fast_steps_gc_freeze_imports": False},
+                {**RECIPE_SETTINGS, "attn_implementation": None, "merge_lora": True}):
+        fast_steps.FastStepsPlugin().register(cfg)
+        assert gc.get_freeze_count() == 0, cfg
 
 
 def lora_like_model(seed: int = 0) -> torch.nn.Module:

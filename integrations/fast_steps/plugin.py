@@ -9,7 +9,8 @@ in args.py (on by default unless said):
 - packed layout: Axolotl's varlen attention reads the packing layout once per micro-batch
   instead of in every layer (packed_layout.py);
 - bf16 LoRA: LoRA weights in bf16 with fp32 masters in a fused AdamW (master_weights.py);
-- gc freeze: what was loaded before training is left out of the garbage collector's scans;
+- gc freeze: what was loaded before training is left out of the garbage collector's scans
+  (and, from config load on, what the imports made);
 - dataset save in process: the prepared datasets saved without a one-worker process pool;
 - compile (off by default): each decoder layer's training forward compiled (compiled_layers.py).
 
@@ -118,14 +119,22 @@ def install_packed_layout(cuda_half_precision: bool = True) -> bool:
     return True
 
 
+def freeze_garbage_collector(when: str) -> None:
+    """Collect once, then move every object that survived out of the collector's scans: later
+    full collections only walk objects made since. Only live objects are frozen, so nothing
+    that is garbage now is kept."""
+    gc.collect()
+    gc.freeze()
+    LOG.info("fast_steps: %d objects frozen out of garbage collection (%s)",
+             gc.get_freeze_count(), when)
+
+
 class FreezeGarbageCollector(TrainerCallback):
-    """At the start of training, collect once and freeze what survives (the model, datasets,
-    modules): later collections only look at objects made during training."""
+    """At the start of training, freeze what survives (the model, datasets, modules): later
+    collections only look at objects made during training."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        gc.collect()
-        gc.freeze()
-        LOG.info("fast_steps: %d objects frozen out of garbage collection", gc.get_freeze_count())
+        freeze_garbage_collector("training starts")
 
 
 class RequireMasterWeightOptimizer(TrainerCallback):
@@ -181,6 +190,11 @@ class FastStepsPlugin(BasePlugin):
             stop_on(settings_problems(dict(cfg)))
         if option(cfg, "fast_steps_dataset_save_in_process"):  # before Axolotl loads the data
             save_in_process()
+        if option(cfg, "fast_steps_gc_freeze_imports") and training(cfg):
+            # The imports leave ~600k objects, and every full collection walks them all: ~0.4 s
+            # each, ten while Axolotl packs the data (its multipack sampler collects after every
+            # packing pass) and as many again while the Trainer is set up.
+            freeze_garbage_collector("after the imports and the config")
 
     def post_model_load(self, cfg, model):
         import torch
