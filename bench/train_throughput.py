@@ -122,10 +122,11 @@ def axolotl_config(recipe: dict, overrides: dict, *, model_dir: Path, run_dir: P
 # Running
 
 
-def subprocess_env(label: str, steps_path: Path, threads: int | None, processes: int = 1) -> dict:
+def subprocess_env(label: str, steps_path: Path, threads: int | None, processes: int = 1,
+                   axolotl: bool = True) -> dict:
     """The project's environment for Axolotl's commands (core/launch.py), with the run's label
-    and where its step records go."""
-    env = environment(processes=processes, BENCH_LABEL=label,
+    and where its step records go; `axolotl=False` for the peers, which run as users run them."""
+    env = environment(processes=processes, axolotl_allocator=axolotl, BENCH_LABEL=label,
                       **{ENV_STEPS_PATH: str(steps_path)})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -379,12 +380,11 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
     for old in run_dir.glob("steps.rank*.jsonl"):
         old.unlink()
     argv, fields = command_for(name, args, recipe, sets, run_dir)
-    env = subprocess_env(name, steps_path, args.threads, args.gpus if kind == "axolotl" else 1)
+    env = subprocess_env(name, steps_path, args.threads, args.gpus if kind == "axolotl" else 1,
+                         axolotl=kind == "axolotl")
     profiled = os.environ.get("BENCH_PROFILE_VARIANTS")
     if profiled and name not in profiled.split(","):  # the profiler slows the rest of a run
         env.pop("BENCH_PROFILE_STEP", None)
-    if kind != "axolotl" and not ({"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ)):
-        env.pop("PYTORCH_ALLOC_CONF", None)  # the `axolotl` command's allocator; the peers run plain
     gpus = args.gpus if kind == "axolotl" else 1
     warmup, _ = warmup_and_steps(name, args)
     if gpus == 1 and args.gpus > 1:  # the notebook and eval are single-GPU programs

@@ -31,6 +31,7 @@ The environment (`environment()`), on top of the caller's:
     PYTORCH_ALLOC_CONF=expandable_segments:True unless either allocator variable is set: what
                             the `axolotl` command sets for every verb, so `python -m
                             axolotl.cli.VERB` and the launchers allocate GPU memory as it does
+                            (`axolotl_allocator=False`: not set, for programs not Axolotl's)
     NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1
                             multicast NVLink can take a shared host's GPUs out of service
 
@@ -63,6 +64,7 @@ MULTI_GPU_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST":
                     "NVSHMEM_DISABLE_NVLS": "1"}
 KILL_GRACE_S = 60
 AXOLOTL_ALLOC_CONF = "expandable_segments:True"  # axolotl.utils.set_pytorch_cuda_alloc_conf
+ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 name, the old
 
 
 def bin_dir() -> Path:
@@ -126,9 +128,12 @@ def _prepend(path: str, value: str | None) -> str:
 
 
 def environment(base: Mapping[str, str] | None = None, *, hub: bool = False,
-                processes: int = 1, **extra: str) -> dict[str, str]:
+                processes: int = 1, axolotl_allocator: bool = True,
+                **extra: str) -> dict[str, str]:
     """The environment Axolotl's commands run in (see the module docstring): `base` (default:
-    this process's) with the project's settings, then `extra` (e.g. CUDA_VISIBLE_DEVICES)."""
+    this process's) with the project's settings, then `extra` (e.g. CUDA_VISIBLE_DEVICES).
+    `axolotl_allocator=False` for a program that is not Axolotl's (the bench's peers), which
+    allocates GPU memory as it would on its own."""
     env = dict(os.environ if base is None else base)
     if not hub:
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,7 +143,7 @@ def environment(base: Mapping[str, str] | None = None, *, hub: bool = False,
     env["PATH"] = _prepend(str(bin_dir()), env.get("PATH"))
     env["PYTHONPATH"] = _prepend(str(CODE_ROOT), env.get("PYTHONPATH"))
     env["PYTHONUNBUFFERED"] = "1"
-    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+    if axolotl_allocator and not any(name in env for name in ALLOC_VARIABLES):
         env["PYTORCH_ALLOC_CONF"] = AXOLOTL_ALLOC_CONF
     env.update(MULTI_GPU_SAFETY)
     env.update({key: str(value) for key, value in extra.items()})

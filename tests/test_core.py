@@ -262,15 +262,12 @@ def test_a_shown_command_names_no_folder_of_this_machine(tmp_path):
         "axolotl train recipes/x.yml"
 
 
-ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
 def test_launched_commands_allocate_gpu_memory_as_the_axolotl_command_does(monkeypatch):
     """`python -m axolotl.cli.train` (the bench, gpu-check) skips the allocator setting the
     `axolotl` command makes for every verb; the launch environment supplies it."""
     from axolotl.utils import set_pytorch_cuda_alloc_conf
 
-    from core.launch import environment
+    from core.launch import ALLOC_VARIABLES, environment
 
     for name in ALLOC_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -284,3 +281,5 @@ def test_launched_commands_allocate_gpu_memory_as_the_axolotl_command_does(monke
         "PYTORCH_ALLOC_CONF") is None
     assert environment(base={"PYTORCH_ALLOC_CONF": "backend:native"})["PYTORCH_ALLOC_CONF"] == \
         "backend:native"
+    # a program that is not Axolotl's (the bench's peers) gets none
+    assert not set(ALLOC_VARIABLES) & set(environment(base={}, axolotl_allocator=False))
