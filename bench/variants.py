@@ -158,6 +158,11 @@ VARIANTS: dict[str, dict] = {
     # -- low memory: a card of 8 GB -------------------------------------------------------
     "lowmem_ckpt": {"kind": "axolotl", "overrides": {"gradient_checkpointing": True},
                     "about": "the recipe with gradient checkpointing (1 x 4096)"},
+    "lowmem_ckpt_kept_grads": {"kind": "axolotl",
+                               "overrides": {"gradient_checkpointing": True, "fast_steps": True,
+                                             "fast_steps_free_master_grads": False},
+                               "about": "gradient checkpointing, the fp32 gradient copies kept "
+                                        "between steps (as before fast_steps_free_master_grads)"},
     "lowmem_ckpt_compile": {"kind": "axolotl",
                             "overrides": {**COMPILE, "gradient_checkpointing": True},
                             "about": "gradient checkpointing + compiled decoder layers"},
@@ -201,6 +206,7 @@ def expand_overrides(overrides: dict, recipe_plugins: list[str]) -> tuple[dict, 
     elif fast is False:
         plugins = [p for p in plugins if p != FAST_STEPS_PLUGIN]
         overrides.update({k: None for k in ("fast_steps_packed_layout", "fast_steps_bf16_lora",
+                                            "fast_steps_free_master_grads",
                                             "fast_steps_gc_freeze",
                                             "fast_steps_dataset_save_in_process",
                                             "fast_steps_compile", "fast_steps_compile_mode")})

@@ -195,15 +195,17 @@ def lora_loss(model, x):
     return ((model[2](hidden) + lora.T).float() ** 2).mean()
 
 
-def test_master_weights_update_exactly_like_fp32_weights_cast_per_step():
+@pytest.mark.parametrize("free_grads", [False, True])
+def test_master_weights_update_exactly_like_fp32_weights_cast_per_step(free_grads):
     """bf16 weights + fp32 masters give the same values as fp32 weights cast to bf16 in every
-    step (what the fused LoRA kernels do), step after step."""
+    step (what the fused LoRA kernels do), step after step; with free_grads the fp32 gradient
+    copies exist only during the step."""
     reference, fast = lora_like_model(), lora_like_model()
     ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=0.05,
                                 foreach=False)
     params, masters = cast_trainable_to_bf16(fast)
     assert [p.dtype for p in params] == [torch.bfloat16] * 2 and len(masters) == 2
-    opt = MasterWeightAdamW(params, masters, lr=0.05)
+    opt = MasterWeightAdamW(params, masters, free_grads=free_grads, lr=0.05)
     generator = torch.Generator().manual_seed(1)
     for _ in range(5):
         x = torch.randn(8, 16, generator=generator)
@@ -215,6 +217,7 @@ def test_master_weights_update_exactly_like_fp32_weights_cast_per_step():
                                             params, strict=True):
             torch.testing.assert_close(master, ref_param, rtol=0, atol=0)
             assert torch.equal(param, ref_param.to(torch.bfloat16))
+            assert (master.grad is None) == free_grads
 
 
 def test_master_weights_resume_from_a_checkpoint_exactly():

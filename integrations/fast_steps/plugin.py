@@ -222,7 +222,8 @@ class FastStepsPlugin(BasePlugin):
             return
         args = trainer.args
         trainer.optimizer = MasterWeightAdamW(
-            self.params, self.masters, lr=args.learning_rate,
+            self.params, self.masters, free_grads=option(cfg, "fast_steps_free_master_grads"),
+            lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
             weight_decay=args.weight_decay)
 
