@@ -218,6 +218,25 @@ def test_master_weights_update_exactly_like_fp32_weights_cast_per_step(free_grad
             torch.testing.assert_close(master, ref_param, rtol=0, atol=0)
             assert torch.equal(param, ref_param.to(torch.bfloat16))
             assert (master.grad is None) == free_grads
+        assert (opt._grad_block.untyped_storage().nbytes() == 0) == free_grads
+
+
+@pytest.mark.parametrize("free_grads", [False, True])
+def test_master_weights_leave_a_parameter_without_gradient_unchanged(free_grads):
+    model = lora_like_model()
+    params, masters = cast_trainable_to_bf16(model)
+    opt = MasterWeightAdamW(params, masters, free_grads=free_grads, lr=0.05)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    for step in range(3):
+        model.zero_grad()
+        lora_loss(model, x).backward()
+        if step == 2:
+            params[1].grad = None  # e.g. a layer no batch reached
+        before = [m.clone() for m in opt.masters]
+        opt.step()
+    assert not torch.equal(opt.masters[0], before[0])
+    assert torch.equal(opt.masters[1], before[1])
+    assert torch.equal(params[1], before[1].to(torch.bfloat16))
 
 
 def test_master_weights_resume_from_a_checkpoint_exactly():
