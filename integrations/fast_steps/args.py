@@ -21,7 +21,7 @@ class FastStepsArgs(BaseModel):
     fast_steps_free_master_grads: bool = switch(
         "With fast_steps_bf16_lora: free the fp32 copies of the gradients after each optimizer "
         "step, so the backward pass, where GPU memory peaks, does not hold them (0.31 GiB for "
-        "Mistral-7B's LoRA weights; one block allocated again at the next step)")
+        "Mistral-7B's LoRA weights; their memory is taken back at the next step)")
     fast_steps_gc_freeze: bool = switch(
         "Move everything loaded before training out of Python's garbage collector's scans "
         "(gc.freeze) so its collections, and Axolotl's gc.collect() at every epoch start, stay "

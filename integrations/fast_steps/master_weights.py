@@ -62,15 +62,16 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masters = self.masters
-        pairs = [(i, p) for i, p in enumerate(self.model_params) if p.grad is not None]
-        views = self._grad_buffers(masters)
-        for master in masters:
-            master.grad = None  # no gradient, no update (as for a plain fp32 parameter)
-        if pairs:
-            for i, _ in pairs:
-                masters[i].grad = views[i]
-            torch._foreach_copy_([views[i] for i, _ in pairs], [p.grad for _, p in pairs])
+        masters, grads, bufs = self.masters, [], []
+        for master, param, view in zip(masters, self.model_params, self._grad_buffers(masters),
+                                       strict=True):
+            # no gradient, no update (as for a plain fp32 parameter)
+            master.grad = None if param.grad is None else view
+            if param.grad is not None:
+                bufs.append(view)
+                grads.append(param.grad)
+        if bufs:
+            torch._foreach_copy_(bufs, grads)
         super().step()
         torch._foreach_copy_(self.model_params, masters)
         if self.free_grads:
@@ -83,15 +84,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
         """One fp32 gradient buffer per master: views of one block, made once (building 448
         views costs ~3 ms of Python a step); a freed block gets its memory back here."""
         if self._grad_block is None:
-            self._grad_block = torch.empty(sum(m.numel() for m in masters),
-                                           dtype=masters[0].dtype, device=masters[0].device)
             sizes = [m.numel() for m in masters]
+            self._grad_block = torch.empty(sum(sizes), dtype=masters[0].dtype,
+                                           device=masters[0].device)
             self._grad_views = [flat.view_as(m) for m, flat in
                                 zip(masters, self._grad_block.split(sizes), strict=True)]
-        storage = self._grad_block.untyped_storage()
-        needed = self._grad_block.numel() * self._grad_block.element_size()
-        if storage.nbytes() < needed:
-            storage.resize_(needed)
+        block = self._grad_block
+        if block.untyped_storage().nbytes() == 0:
+            block.untyped_storage().resize_(block.numel() * block.element_size())
         return self._grad_views
 
     def state_dict(self):
