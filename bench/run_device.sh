@@ -48,6 +48,12 @@ BUDGET_S=${BUDGET_S:-}
 OUT=${OUT:-outputs/bench-$(date +%F)}
 MODEL_DIR=${MODEL_DIR:-/tmp/mistral-7b-random}
 WORK_DIR=${WORK_DIR:-/tmp/bench-runs}
+# Only what this call wrote goes to $OUT: on a machine kept warm between calls WORK_DIR still holds
+# the step records of earlier calls' variants.
+mkdir -p "$WORK_DIR" && STARTED_MARK=$(mktemp "$WORK_DIR/.started.XXXXXX")
+this_calls() {  # $1 = directory, $2 = file name pattern[, $3 = depth]: its files written since this script began
+  find "$1" -maxdepth "${3:-2}" -name "$2" -newer "$STARTED_MARK" -type f 2>/dev/null | sort
+}
 PYTHON=${PYTHON:-python3}
 RECIPE=${RECIPE:-recipes/mistral-qlora.yml}
 GPUS=${GPUS:-1}
@@ -168,19 +174,19 @@ if [[ -n ${LANES:-} ]]; then
   for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
   for i in "${!lanes[@]}"; do
     cat "$WORK_DIR/lane$i/throughput.jsonl" >> "$OUT/throughput.jsonl" 2>/dev/null
-    cat "$WORK_DIR"/lane$i/*/steps.rank*.jsonl >> "$OUT/steps.jsonl" 2>/dev/null
+    this_calls "$WORK_DIR/lane$i" 'steps.rank*.jsonl' | xargs -r cat >> "$OUT/steps.jsonl"
     { echo "===== lane $i (GPU $i): ${lanes[$i]}"; cat "$WORK_DIR/lane$i.stdout"; } >> "$OUT/runs.log"
   done
   [[ -f $OUT/throughput.jsonl ]] && "$PYTHON" -m bench.train_throughput --table "$OUT/throughput.jsonl"
 else
   run_variants "${VARIANTS:-}" "$OUT/throughput.jsonl" "$WORK_DIR" "$OUT/runs.log"
   rc=$?
-  cat "$WORK_DIR"/*/steps.rank*.jsonl > "$OUT/steps.jsonl" 2>/dev/null
+  this_calls "$WORK_DIR" 'steps.rank*.jsonl' | xargs -r cat > "$OUT/steps.jsonl"
 fi
-find "$WORK_DIR" -name steps.rank0.profile.txt -exec cat {} + > "$OUT/profiles.txt" 2>/dev/null
+this_calls "$WORK_DIR" steps.rank0.profile.txt 3 | xargs -r cat > "$OUT/profiles.txt"
 [[ -s $OUT/profiles.txt ]] || rm -f "$OUT/profiles.txt"
 for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json "$WORK_DIR"/lane*/eval_ppl*/eval/perplexity.json; do
-  [[ -f $f ]] && cp "$f" "$OUT/eval-perplexity.json" && break
+  [[ $f -nt $STARTED_MARK ]] && cp "$f" "$OUT/eval-perplexity.json" && break
 done
 echo "[run_device] done in $(( $(date +%s) - T0 )) s (exit $rc); files: $(ls "$OUT" | tr '\n' ' ')"
 exit $rc

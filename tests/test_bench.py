@@ -359,6 +359,9 @@ def test_run_device_script_on_cpu(workspace, tmp_path):
 
     assert build_main(["--tokenizer-only", "--out", str(tree / "models/mistral-tokenizer")]) == 0
     out = tmp_path / "out"
+    earlier_call = tmp_path / "runs" / "unsloth" / "steps.rank0.jsonl"  # a warm machine's leftover
+    earlier_call.parent.mkdir(parents=True)
+    earlier_call.write_text(json.dumps({"event": "step", "label": "unsloth"}) + "\n")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # the copy's own code
            "OUT": str(out), "PYTHON": sys.executable, "INSTALL_WHEELS": "0",
            "BUILD_ARGS": "--tiny --device cpu", "MODEL_DIR": str(tmp_path / "model"),
