@@ -175,6 +175,10 @@ VARIANTS: dict[str, dict] = {
     "recipe_8gb": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml", "overrides": {},
                    "about": "recipes/mistral-qlora-8gb.yml as shipped (gradient checkpointing, "
                             "paged 8-bit AdamW on fp32 LoRA weights)"},
+    "recipe_8gb_unpaged": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml",
+                           "overrides": {"optimizer": "adamw_bnb_8bit"},
+                           "about": "recipes/mistral-qlora-8gb.yml with bitsandbytes' 8-bit AdamW "
+                                    "in device memory instead of paged (unified) memory"},
     "lowmem_offload": {"kind": "axolotl", "overrides": {"gradient_checkpointing": "offload"},
                        "about": "checkpointed layer inputs offloaded to CPU memory"},
     # -- peers a user could run instead ---------------------------------------------------
