@@ -32,6 +32,11 @@ class FastStepsArgs(BaseModel):
     fast_steps_dataset_save_in_process: bool = switch(
         "Save the prepared datasets from the training process when datasets would start a "
         "one-worker process pool for it (seconds per save at every first run of a recipe)")
+    fast_steps_fused_lora_qkv: bool = Field(
+        default=False, json_schema_extra={"description": (
+            "Compute the Q, K and V projections' LoRA adapters with one product where Axolotl's "
+            "lora_qkv_kernel makes three (fused_lora.py; same results, fewer kernel launches): "
+            "needs lora_qkv_kernel on, no LoRA dropout")})
     fast_steps_compile: bool = Field(
         default=False, json_schema_extra={"description": (
             "torch.compile each decoder layer's training forward (one compilation shared by "

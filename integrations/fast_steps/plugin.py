@@ -12,6 +12,8 @@ in args.py (on by default unless said):
 - gc freeze: what was loaded before training is left out of the garbage collector's scans
   (and, from config load on, what the imports made);
 - dataset save in process: the prepared datasets saved without a one-worker process pool;
+- fused LoRA QKV (off by default): the three attention projections' adapters computed with
+  shared products instead of one by one (fused_lora.py);
 - compile (off by default): each decoder layer's training forward compiled (compiled_layers.py).
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
@@ -31,6 +33,7 @@ from core.files import write_json
 from core.pins import pinned
 from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
 from integrations.fast_steps.dataset_save import save_in_process
+from integrations.fast_steps.fused_lora import install_fused_qkv
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
 from integrations.options import enabled as option
@@ -76,6 +79,14 @@ def settings_problems(cfg) -> list[str]:
         if cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"):
             problems.append(f"{NAME}: fast_steps_bf16_lora does not support FSDP/DeepSpeed: "
                             "set `fast_steps_bf16_lora: false`")
+    if cfg.get("fast_steps_fused_lora_qkv"):
+        if cfg.get("lora_qkv_kernel") is False:
+            problems.append(f"{NAME}: fast_steps_fused_lora_qkv replaces Axolotl's LoRA QKV "
+                            "kernel: remove `lora_qkv_kernel: false` (or set "
+                            "`fast_steps_fused_lora_qkv: false`)")
+        if cfg.get("lora_dropout"):
+            problems.append(f"{NAME}: fast_steps_fused_lora_qkv needs `lora_dropout: 0` (or set "
+                            "`fast_steps_fused_lora_qkv: false`)")
     if cfg.get("fast_steps_compile"):
         on = [k for k in LORA_KERNEL_KEYS if cfg.get(k) is not False]
         if on:  # Axolotl turns an absent kernel key on for LoRA recipes
@@ -213,6 +224,15 @@ class FastStepsPlugin(BasePlugin):
                      len(self.params))
 
     def post_trainer_create(self, cfg, trainer):
+        if cfg.get("fast_steps_fused_lora_qkv") and training(cfg):  # after Axolotl's patches
+            count = install_fused_qkv(trainer.model)
+            if not count:
+                with reported(newline=True):
+                    raise UserError(
+                        f"{NAME}: fast_steps_fused_lora_qkv found no attention layer on Axolotl's "
+                        "LoRA QKV kernel with LoRA on q/k/v_proj, one scale and no bias or DoRA; "
+                        "set `fast_steps_fused_lora_qkv: false`")
+            LOG.info("fast_steps: %d attention layers with fused LoRA Q/K/V products", count)
         if self.compiled:
             # last of all: after Axolotl's and Liger's patches and the packed attention
             count = self.compiled.install(trainer.model)
