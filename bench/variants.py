@@ -177,7 +177,7 @@ VARIANTS: dict[str, dict] = {
                             "paged 8-bit AdamW on fp32 LoRA weights)"},
     "fused_qkv": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_fused_lora_qkv": True},
                   "about": "fast_steps_fused_lora_qkv: the Q/K/V LoRA products shared across "
-                           "the three projections (10 fewer kernels per layer)"},
+                           "the three projections (8 fewer kernels per layer)"},
     "recipe_8gb_unpaged": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml",
                            "overrides": {"optimizer": "adamw_bnb_8bit"},
                            "about": "recipes/mistral-qlora-8gb.yml with bitsandbytes' 8-bit AdamW "
