@@ -17,13 +17,12 @@ import sys
 import pytest
 import torch
 from conftest import REPO
+from test_integrations import RECIPE_SETTINGS  # what the plugin's other parts need
 
 from integrations.fast_steps import plugin as fast_steps
 from integrations.fast_steps.fused_lora import FusedLoRAQKV, install_fused_qkv, plain_qkv
 
 TOLERANCE = 1e-5
-RECIPE_SETTINGS = {"attn_implementation": "sdpa", "sample_packing": True, "sdpa_varlen": True,
-                   "optimizer": "adamw_torch_fused"}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

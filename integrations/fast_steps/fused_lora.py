@@ -20,12 +20,9 @@ adapters; any other layer keeps Axolotl's function.
 
 from __future__ import annotations
 
-import logging
 import types
 
 import torch
-
-LOG = logging.getLogger(__name__)
 
 
 def _kernels():
