@@ -220,12 +220,13 @@ def summarize(records: list[dict], warmup: int) -> dict:
 
 def reported_lines(log_path: Path) -> dict:
     """What a run said about itself: Unsloth's `unsloth {...}` line, the fast_steps compile
-    report (the last one), as fields of its summary."""
+    and CUDA-graph reports (the last of each), as fields of its summary."""
     found = {}
     if not log_path.is_file():
         return found
     for line in log_path.read_text(errors="replace").splitlines():
-        for marker, key in (("unsloth {", "unsloth"), ("fast_steps compile: {", "compile")):
+        for marker, key in (("unsloth {", "unsloth"), ("fast_steps compile: {", "compile"),
+                            ("fast_steps cuda graphs: {", "cuda_graphs")):
             if marker in line:
                 with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
                     found[key] = json.loads(line[line.index(marker) + len(marker) - 1:])

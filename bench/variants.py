@@ -178,6 +178,13 @@ VARIANTS: dict[str, dict] = {
     "fused_qkv": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_fused_lora_qkv": True},
                   "about": "fast_steps_fused_lora_qkv: the Q/K/V LoRA products shared across "
                            "the three projections (8 fewer kernels per layer)"},
+    "cuda_graphs": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True},
+                    "about": "fast_steps_cuda_graphs: the decoder stack's forward and backward "
+                             "replayed as two CUDA graphs"},
+    "cuda_graphs_fused_qkv": {"kind": "axolotl",
+                              "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True,
+                                            "fast_steps_fused_lora_qkv": True},
+                              "about": "fast_steps_cuda_graphs with fast_steps_fused_lora_qkv"},
     "recipe_8gb_unpaged": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml",
                            "overrides": {"optimizer": "adamw_bnb_8bit"},
                            "about": "recipes/mistral-qlora-8gb.yml with bitsandbytes' 8-bit AdamW "

@@ -46,3 +46,9 @@ class FastStepsArgs(BaseModel):
                                      "reduce-overhead"] = Field(
         default="default", json_schema_extra={"description": (
             "torch.compile mode for fast_steps_compile (reduce-overhead adds CUDA graphs)")})
+    fast_steps_cuda_graphs: bool = Field(
+        default=False, json_schema_extra={"description": (
+            "Replay the decoder stack's training forward and backward as two CUDA graphs, "
+            "captured after the first step (cuda_graphs.py): needs a CUDA GPU, "
+            "pad_to_sequence_len, gradient_accumulation_steps 1, no gradient checkpointing, "
+            "fast_steps_packed_layout on, fast_steps_compile off")})

@@ -62,8 +62,13 @@ class LayoutCache:
         self._key = None
         self._layout = None
         self.computed = 0  # how many layouts were computed (tests read it)
+        # while a CUDA graph is captured: the layout in fixed buffers, whatever the ids say
+        # (cuda_graphs.py fills them before each replay)
+        self.static: PackedLayout | None = None
 
     def get(self, position_ids: torch.Tensor, device) -> PackedLayout:
+        if self.static is not None:
+            return self.static
         key = (id(position_ids), position_ids.data_ptr(), position_ids._version,
                tuple(position_ids.shape), str(device))
         if key != self._key:

@@ -14,7 +14,9 @@ in args.py (on by default unless said):
 - dataset save in process: the prepared datasets saved without a one-worker process pool;
 - fused LoRA QKV (off by default): the three attention projections' adapters computed with
   shared products instead of one by one (fused_lora.py);
-- compile (off by default): each decoder layer's training forward compiled (compiled_layers.py).
+- compile (off by default): each decoder layer's training forward compiled (compiled_layers.py);
+- CUDA graphs (off by default): the decoder stack's training forward and backward replayed as
+  two CUDA graphs (cuda_graphs.py).
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
 wrapper; the recipe settings it needs) and stops with one line otherwise (one `error:` line and
@@ -32,6 +34,7 @@ from core.errors import UserError, reported, stop_on
 from core.files import write_json
 from core.pins import pinned
 from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
+from integrations.fast_steps.cuda_graphs import GraphedStack
 from integrations.fast_steps.dataset_save import save_in_process
 from integrations.fast_steps.fused_lora import install_fused_qkv
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
@@ -51,6 +54,7 @@ NAME = "integrations.fast_steps.FastStepsPlugin"
 AXOLOTL_ORIGINAL_ATTR = "_axolotl_sdpa_original"
 LAYOUTS = LayoutCache()
 COMPILE_REPORT = "fast_steps_compile.json"
+CUDA_GRAPHS_REPORT = "fast_steps_cuda_graphs.json"
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 
@@ -97,7 +101,29 @@ def settings_problems(cfg) -> list[str]:
         if cfg.get("torch_compile"):
             problems.append(f"{NAME}: fast_steps_compile compiles the decoder layers itself: "
                             "remove `torch_compile: true` (or set `fast_steps_compile: false`)")
+    if cfg.get("fast_steps_cuda_graphs"):
+        problems += cuda_graph_problems(cfg)
     return problems
+
+
+def cuda_graph_problems(cfg) -> list[str]:
+    """What fast_steps_cuda_graphs needs of a recipe (cuda_graphs.py says why)."""
+    needs = []
+    if not cfg.get("pad_to_sequence_len"):
+        needs.append("`pad_to_sequence_len: true` (a graph replays fixed shapes)")
+    if (cfg.get("gradient_accumulation_steps") or 1) != 1:
+        needs.append("`gradient_accumulation_steps: 1` (each replay overwrites the last "
+                     "micro-batch's gradients)")
+    if cfg.get("gradient_checkpointing"):
+        needs.append("`gradient_checkpointing: false`")
+    if not option(cfg, "fast_steps_packed_layout"):
+        needs.append("`fast_steps_packed_layout` on (the graphed attention reads its layout)")
+    if cfg.get("fast_steps_compile") or cfg.get("torch_compile"):
+        needs.append("no `fast_steps_compile`/`torch_compile`")
+    if not needs:
+        return []
+    return [f"{NAME}: fast_steps_cuda_graphs needs {'; '.join(needs)} (or set "
+            "`fast_steps_cuda_graphs: false`)"]
 
 
 def install_packed_layout(cuda_half_precision: bool = True) -> bool:
@@ -187,11 +213,48 @@ class ReportCompiledLayers(TrainerCallback):
         self._report(args, f"end (step {state.global_step})")
 
 
+class CaptureCudaGraphs(TrainerCallback):
+    """Captures the decoder stack's graphs before the second optimizer step (the first ran
+    eagerly and recorded the shapes), and reports, after step 2 and at the end, how many
+    training micro-batches were replayed and how many ran eagerly, in
+    `<output_dir>/fast_steps_cuda_graphs.json` and as a log line."""
+
+    def __init__(self, stack: GraphedStack):
+        self.stack = stack
+        self.autocast_dtype = None  # the Trainer's mixed precision, set with the Trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stack.ready_to_capture:
+            with reported(newline=True):
+                try:
+                    self.stack.capture(self.autocast_dtype)
+                except RuntimeError as err:
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                    raise UserError(f"{NAME}: capturing the decoder layers as a CUDA graph "
+                                    f"failed ({first[:300]}); set `fast_steps_cuda_graphs: "
+                                    "false`") from err
+
+    def _report(self, args, when: str):
+        report = {"when": when, **self.stack.report()}
+        if args.process_index == 0:
+            write_json(Path(args.output_dir) / CUDA_GRAPHS_REPORT, report)
+        # a warning, so that it shows in Axolotl's log, which keeps other loggers' INFO out
+        LOG.warning("fast_steps cuda graphs: %s", json.dumps(report))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self._report(args, "step 2")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._report(args, f"end (step {state.global_step})")
+
+
 class FastStepsPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self.params, self.masters = [], []
         self.compiled = None
+        self.graphs = None  # CaptureCudaGraphs, with fast_steps_cuda_graphs
 
     def get_input_args(self):
         return "integrations.fast_steps.FastStepsArgs"
@@ -224,6 +287,8 @@ class FastStepsPlugin(BasePlugin):
                      len(self.params))
 
     def post_trainer_create(self, cfg, trainer):
+        import torch
+
         if cfg.get("fast_steps_fused_lora_qkv") and training(cfg):  # after Axolotl's patches
             count = install_fused_qkv(trainer.model)
             if not count:
@@ -238,6 +303,12 @@ class FastStepsPlugin(BasePlugin):
             count = self.compiled.install(trainer.model)
             LOG.info("fast_steps: %d decoder layers compiled (mode %s), attention eager",
                      count, self.compiled.mode)
+        if self.graphs:  # last: the layers' forwards as every other patch left them
+            count = self.graphs.stack.install(trainer.model)
+            precision = getattr(trainer.accelerator, "mixed_precision", "no")
+            self.graphs.autocast_dtype = {"bf16": torch.bfloat16,
+                                          "fp16": torch.float16}.get(precision)
+            LOG.info("fast_steps: %d decoder layers to replay as CUDA graphs", count)
         if not self.params:
             return
         args = trainer.args
@@ -256,4 +327,13 @@ class FastStepsPlugin(BasePlugin):
         if cfg.get("fast_steps_compile"):  # installed in post_trainer_create, after the patches
             self.compiled = CompiledLayers(cfg.get("fast_steps_compile_mode") or "default")
             callbacks.append(ReportCompiledLayers(self.compiled))
+        if cfg.get("fast_steps_cuda_graphs"):
+            import torch
+
+            if not torch.cuda.is_available():
+                with reported():
+                    raise UserError(f"{NAME}: fast_steps_cuda_graphs needs a CUDA GPU; set "
+                                    "`fast_steps_cuda_graphs: false`")
+            self.graphs = CaptureCudaGraphs(GraphedStack(LAYOUTS))
+            callbacks.append(self.graphs)
         return callbacks
