@@ -23,7 +23,7 @@ What a graph needs, and how each is met:
   `gradient_accumulation_steps: 1` (plugin.py checks).
 
 The first training micro-batch runs eagerly (it compiles the Triton kernels and records the
-shapes); the graphs are captured before the second optimizer step. Evaluation, generation and
+shapes); the graphs are captured before the second optimizer step, after one warm-up pass. Evaluation, generation and
 any call that does not match the captured shapes run the layers eagerly, as before. The first
 layer's forward runs the whole stack; the other layers hand its output on unchanged.
 
@@ -61,6 +61,19 @@ def padded_cu_seqlens(position_ids: torch.Tensor, capacity: int) -> torch.Tensor
     offsets = torch.full((capacity + 1,), flat.numel(), dtype=torch.int32)
     offsets[: starts.numel()] = starts.to(torch.int32)
     return offsets
+
+
+def warm_up(stack: torch.nn.Module, sample: list[torch.Tensor]) -> None:
+    """One forward and backward on a side stream, as make_graphed_callables warms up (lazy
+    initialisations must not happen during a capture), then the memory it took released."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        output = stack(*sample)
+        wanted = [t for t in (*sample, *stack.parameters()) if t.requires_grad]
+        torch.autograd.grad(output, wanted, grad_outputs=torch.zeros_like(output))
+    del output
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the eager steps' activations too: the graphs' pool needs them
 
 
 @dataclass(frozen=True)
@@ -179,16 +192,15 @@ class GraphedStack:
         cu_seqlens.fill_(rows * length)  # one document per row: a valid layout to capture
         cu_seqlens[:rows] = torch.arange(rows, device=device, dtype=cu_seqlens.dtype) * length
         start = time.perf_counter()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the eager step's activations: the graphs' pool needs them
         autocast = (torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False)
                     if autocast_dtype else contextlib.nullcontext())
         # the longest document is fixed at the row length: it only sizes the kernels' grid
         self.layouts.static = PackedLayout(True, cu_seqlens, length)
         try:
             with autocast:
-                # no warm-up iterations: the eager first step compiled and ran every kernel,
-                # and warm-up activations would hold memory beside the graphs' pool
+                warm_up(stack, sample)
+                # warmed up here, not by make_graphed_callables: its warm-up's memory would
+                # stay cached beside the graphs' pool, doubling the activations' share
                 self.run = torch.cuda.make_graphed_callables(stack, tuple(sample),
                                                              num_warmup_iters=0)
         finally:
