@@ -96,7 +96,7 @@ def time_eval_forward(model, tokenizer, texts: list[str], batch_size: int, max_l
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def run(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="model directory (bf16 weights)")
     parser.add_argument("--train-jsonl", type=Path, default=Path("data/prepared/seed/train.jsonl"))
@@ -115,9 +115,14 @@ def run(argv=None) -> int:
     parser.add_argument("--steps-jsonl", default=os.environ.get("BENCH_STEPS_JSONL"),
                         help="per-step records (default: $BENCH_STEPS_JSONL)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.steps_jsonl:
         parser.error("--steps-jsonl or $BENCH_STEPS_JSONL is required")
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (args.model / "config.json").is_file():
         raise UserError(f"--model {args.model}: no config.json; build it with "
                         "`python -m bench.build_random_mistral --out DIR`")
