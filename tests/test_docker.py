@@ -717,6 +717,11 @@ def page(prepped, training) -> tuple[str | None, float, Path]:
                     html = response.read().decode(errors="replace")
             except OSError:
                 time.sleep(2)
+            if (proc.poll() is not None and log.name == "up-app.log"
+                    and _compose_monitor_crashed(("up",), log, 0)):
+                # Compose's own crash (COMPOSE_MONITOR_PANIC) after the `run --rm` before:
+                # the same command once more, its log beside the first
+                proc, log = prepped.popen("--profile", "app", "up", "app", log="up-app-again")
         seconds = time.monotonic() - start
     finally:
         prepped.run("--profile", "app", "stop", "app", log="stop-app")
