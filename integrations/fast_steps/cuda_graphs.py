@@ -3,11 +3,10 @@
 A QLoRA step of Mistral-7B on one H100/H200 spends longer in the Python that launches its
 kernels (about 5,300 per 4,096-token micro-batch, nearly all in the decoder layers: 4-bit
 dequantisations, LoRA products, norms, rotary embedding, attention) than the GPU spends running
-them. A CUDA graph records those
-launches once and replays them with one call: here the 32 layers' forward is one graph and
-their backward another (`torch.cuda.make_graphed_callables` on one module holding every
-layer), so a micro-batch costs two replays where it cost thousands of launches. The embedding,
-the final norm, the loss and the optimizer stay eager.
+them. A CUDA graph records those launches once and replays them with one call: here the 32
+layers' forward is one graph and their backward another (`torch.cuda.make_graphed_callables`
+on one module holding every layer), so a micro-batch costs two replays where it cost thousands
+of launches. The embedding, the final norm, the loss and the optimizer stay eager.
 
 What a graph needs, and how each is met:
 - Fixed shapes: `pad_to_sequence_len` pads every training row to `sequence_len`.
@@ -23,9 +22,10 @@ What a graph needs, and how each is met:
   `gradient_accumulation_steps: 1` (plugin.py checks).
 
 The first training micro-batch runs eagerly (it compiles the Triton kernels and records the
-shapes); the graphs are captured before the second optimizer step, after one warm-up pass. Evaluation, generation and
-any call that does not match the captured shapes run the layers eagerly, as before. The first
-layer's forward runs the whole stack; the other layers hand its output on unchanged.
+shapes); the graphs are captured before the second optimizer step, after one warm-up pass.
+Evaluation, generation and any call that does not match the captured shapes run the layers
+eagerly, as before. The first layer's forward runs the whole stack; the other layers hand its
+output on unchanged.
 
 Without a GPU, `graphs=False` runs the same stack in one call without capturing, which is how
 the CPU tests check everything here but the capture itself.
@@ -34,7 +34,6 @@ the CPU tests check everything here but the capture itself.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ import torch
 from integrations.fast_steps.compiled_layers import decoder_layers
 from integrations.fast_steps.packed_layout import LayoutCache, PackedLayout
 
-LOG = logging.getLogger(__name__)
 # Packed rows here hold about 9 documents (8 passages of <= 512 tokens and the padding); the
 # varlen kernels launch work per document slot, so the bound is generous but not huge.
 MAX_DOCUMENTS = 32
