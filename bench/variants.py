@@ -185,6 +185,13 @@ VARIANTS: dict[str, dict] = {
                               "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True,
                                             "fast_steps_fused_lora_qkv": True},
                               "about": "fast_steps_cuda_graphs with fast_steps_fused_lora_qkv"},
+    "packed_gqa": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_packed_gqa": True},
+                   "about": "fast_steps_packed_gqa: K/V to the varlen kernel with their own 8 heads, "
+                            "not repeated to 32"},
+    "cuda_graphs_gqa": {"kind": "axolotl",
+                        "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True,
+                                      "fast_steps_packed_gqa": True},
+                        "about": "fast_steps_cuda_graphs with fast_steps_packed_gqa"},
     "recipe_8gb_unpaged": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml",
                            "overrides": {"optimizer": "adamw_bnb_8bit"},
                            "about": "recipes/mistral-qlora-8gb.yml with bitsandbytes' 8-bit AdamW "

@@ -292,6 +292,49 @@ def test_packed_attention_on_cuda_matches_axolotls_varlen_path(axolotl_varlen_pa
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_packed_gqa_is_one_line_error_without_the_packed_layout_and_reinstalls_over_it(
+        axolotl_varlen_patch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    plugin = fast_steps.FastStepsPlugin()
+    plugin.register({**RECIPE_SETTINGS, "fast_steps_packed_gqa": True})
+    with pytest.raises(UserError, match="remove `fast_steps_packed_layout: false`") as err:
+        plugin.register({**RECIPE_SETTINGS, "fast_steps_packed_gqa": True,
+                         "fast_steps_packed_layout": False})
+    assert "\n" not in str(err.value)
+    axolotl_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert fast_steps.install_packed_layout(cuda_half_precision=True)
+    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert plain._fast_steps == {"native_gqa": False}
+    assert fast_steps.install_packed_layout(cuda_half_precision=True, native_gqa=True)
+    native = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert native is not plain and native._fast_steps == {"native_gqa": True}
+    # both wrap Axolotl's stock function, so Axolotl's unpatch restores stock sdpa either way
+    stock = getattr(axolotl_sdpa, fast_steps.AXOLOTL_ORIGINAL_ATTR)
+    assert getattr(native, fast_steps.AXOLOTL_ORIGINAL_ATTR) is stock
+
+
+@pytest.mark.gpu
+def test_packed_gqa_on_cuda_gives_the_repeated_heads_results(axolotl_varlen_patch):
+    """K/V passed to the varlen kernel with their own 2 heads (4 query heads) give the logits and
+    gradients of K/V repeated to 4 heads, to bf16 rounding (2e-2 relative: the kernel sums the
+    two query heads' K/V gradients itself instead of the repeat's backward)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1)).cuda()
+    pid = random_packed_position_ids(1, 256, 3).cuda()
+    results = {}
+    for native in (False, True):
+        model = tiny_mistral(layers=2).to("cuda", torch.bfloat16).train()
+        fast_steps.install_packed_layout(cuda_half_precision=True, native_gqa=native)
+        logits = model(input_ids=ids, position_ids=pid).logits
+        logits.float().square().mean().backward()
+        results[native] = [logits.detach(), *(p.grad for p in model.parameters())]
+    for repeated, own in zip(results[False], results[True], strict=True):
+        scale = repeated.float().abs().max().clamp_min(1e-30)
+        assert float((repeated.float() - own.float()).abs().max() / scale) <= 2e-2
+
+
 def test_compile_needs_axolotls_lora_kernels_off_and_no_torch_compile():
     """Axolotl turns its LoRA kernels on when the keys are absent; their ctypes dequantisation
     cannot be traced, so fast_steps_compile asks for each key to be false, in one line."""

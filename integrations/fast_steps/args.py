@@ -15,6 +15,12 @@ class FastStepsArgs(BaseModel):
     fast_steps_packed_layout: bool = switch(
         "Read the packing layout (cu_seqlens) once per micro-batch instead of in every layer: "
         "needs attn_implementation sdpa, sample_packing and sdpa_varlen")
+    fast_steps_packed_gqa: bool = Field(
+        default=False, json_schema_extra={"description": (
+            "With fast_steps_packed_layout: grouped-query K/V passed to the varlen kernel as "
+            "they are (torch's enable_gqa), not repeated to the query heads: less memory kept "
+            "for the backward pass, fewer copies; needs a torch whose varlen_attn takes "
+            "enable_gqa")})
     fast_steps_bf16_lora: bool = switch(
         "Keep LoRA weights in bf16 with fp32 master copies in a fused AdamW: needs bf16 and "
         "optimizer adamw_torch_fused, not FSDP")

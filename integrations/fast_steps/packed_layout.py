@@ -89,13 +89,26 @@ def block_diagonal_causal_mask(position_ids: torch.Tensor, seq_len: int) -> torc
     return (same_doc & causal[None])[:, None]
 
 
-def make_packed_sdpa(stock_sdpa: Callable, cache: LayoutCache) -> Callable:
-    """An attention function with transformers' `sdpa` signature, for packed training rows."""
+def varlen_takes_gqa() -> bool:
+    """Whether this torch's varlen_attn takes K/V with fewer heads than Q (`enable_gqa`)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def make_packed_sdpa(stock_sdpa: Callable, cache: LayoutCache,
+                     native_gqa: bool = False) -> Callable:
+    """An attention function with transformers' `sdpa` signature, for packed training rows.
+    With `native_gqa`, grouped-query K/V go to the kernel as they are (`enable_gqa`) instead of
+    repeated to the query heads: two copies fewer each way per layer, and the kernel keeps the
+    narrower K/V for the backward pass instead of the repeated ones."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = set(inspect.signature(varlen_attn).parameters)
     # torch >= 2.11 takes window_size ((-1, 0) = causal); 2.10 only is_causal
     has_window = "window_size" in params or "is_causal" not in params
+    if native_gqa and "enable_gqa" not in params:
+        raise ValueError(f"torch {torch.__version__}'s varlen_attn has no enable_gqa")
 
     def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0,
@@ -126,18 +139,21 @@ def make_packed_sdpa(stock_sdpa: Callable, cache: LayoutCache) -> Callable:
                 "packed attention: sliding-window attention needs varlen_attn(window_size=...), "
                 f"absent in torch {torch.__version__}; set the model's sliding_window to null")
         batch, q_heads, seq_len, dim = query.shape
-        if key.shape[1] != q_heads:  # grouped-query attention: varlen_attn wants equal heads
-            repeats = q_heads // key.shape[1]
-            key = key.repeat_interleave(repeats, dim=1)
-            value = value.repeat_interleave(repeats, dim=1)
+        kv_heads = key.shape[1]
         if has_window:
             causal = {"window_size": (sliding_window - 1, 0) if sliding_window else (-1, 0)}
         else:
             causal = {"is_causal": True}
+        if kv_heads != q_heads and native_gqa:
+            causal["enable_gqa"] = True
+        elif kv_heads != q_heads:  # grouped-query attention without enable_gqa: equal heads
+            key = key.repeat_interleave(q_heads // kv_heads, dim=1)
+            value = value.repeat_interleave(q_heads // kv_heads, dim=1)
+            kv_heads = q_heads
         out = varlen_attn(
             query.transpose(1, 2).reshape(batch * seq_len, q_heads, dim),
-            key.transpose(1, 2).reshape(batch * seq_len, q_heads, dim),
-            value.transpose(1, 2).reshape(batch * seq_len, q_heads, dim),
+            key.transpose(1, 2).reshape(batch * seq_len, kv_heads, dim),
+            value.transpose(1, 2).reshape(batch * seq_len, kv_heads, dim),
             layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
             **causal,
         )

@@ -38,7 +38,11 @@ from integrations.fast_steps.cuda_graphs import GraphedStack
 from integrations.fast_steps.dataset_save import save_in_process
 from integrations.fast_steps.fused_lora import install_fused_qkv
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
-from integrations.fast_steps.packed_layout import LayoutCache, make_packed_sdpa
+from integrations.fast_steps.packed_layout import (
+    LayoutCache,
+    make_packed_sdpa,
+    varlen_takes_gqa,
+)
 from integrations.options import enabled as option
 
 try:  # the plugin base class only exists where axolotl is installed
@@ -83,6 +87,10 @@ def settings_problems(cfg) -> list[str]:
         if cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"):
             problems.append(f"{NAME}: fast_steps_bf16_lora does not support FSDP/DeepSpeed: "
                             "set `fast_steps_bf16_lora: false`")
+    if cfg.get("fast_steps_packed_gqa") and not option(cfg, "fast_steps_packed_layout"):
+        problems.append(f"{NAME}: fast_steps_packed_gqa is part of fast_steps_packed_layout: "
+                        "remove `fast_steps_packed_layout: false` (or set "
+                        "`fast_steps_packed_gqa: false`)")
     if cfg.get("fast_steps_fused_lora_qkv"):
         if cfg.get("lora_qkv_kernel") is False:
             problems.append(f"{NAME}: fast_steps_fused_lora_qkv replaces Axolotl's LoRA QKV "
@@ -126,15 +134,21 @@ def cuda_graph_problems(cfg) -> list[str]:
             "`fast_steps_cuda_graphs: false`)"]
 
 
-def install_packed_layout(cuda_half_precision: bool = True) -> bool:
+def install_packed_layout(cuda_half_precision: bool = True, native_gqa: bool = False) -> bool:
     """Register the packed attention over Axolotl's varlen `sdpa` (idempotent); False when there
     is nothing to replace because the run is not CUDA fp16/bf16 (Axolotl then keeps stock SDPA
     with a block-diagonal mask, since varlen_attn only runs there)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if getattr(current, "_fast_steps", False):
+    if getattr(current, "_fast_steps", None) == {"native_gqa": native_gqa}:
         return True
+    if native_gqa and cuda_half_precision and not varlen_takes_gqa():
+        import torch
+
+        raise UserError(f"{NAME}: fast_steps_packed_gqa needs torch's varlen_attn to take "
+                        f"`enable_gqa`, which torch {torch.__version__} lacks; set "
+                        "`fast_steps_packed_gqa: false`")
     stock = getattr(current, AXOLOTL_ORIGINAL_ATTR, None)
     if stock is None:
         if not cuda_half_precision:
@@ -148,8 +162,8 @@ def install_packed_layout(cuda_half_precision: bool = True) -> bool:
             f"wrapper (axolotl {axolotl.__version__}; written against {written_for}, whose "
             f"wrapper keeps the stock function as `{AXOLOTL_ORIGINAL_ATTR}`); set "
             f"`fast_steps_packed_layout: false` or pin axolotl=={written_for}")
-    packed = make_packed_sdpa(stock, LAYOUTS)
-    packed._fast_steps = True
+    packed = make_packed_sdpa(stock, LAYOUTS, native_gqa=native_gqa)
+    packed._fast_steps = {"native_gqa": native_gqa}
     setattr(packed, AXOLOTL_ORIGINAL_ATTR, stock)  # Axolotl's unpatch still restores stock sdpa
     ALL_ATTENTION_FUNCTIONS.register("sdpa", packed)
     LOG.info("fast_steps: varlen SDPA with the packing layout read once per micro-batch")
@@ -280,7 +294,8 @@ class FastStepsPlugin(BasePlugin):
         cuda_half = half and torch.cuda.is_available()
         if option(cfg, "fast_steps_packed_layout"):
             with reported():
-                install_packed_layout(cuda_half_precision=cuda_half)
+                install_packed_layout(cuda_half_precision=cuda_half,
+                                      native_gqa=bool(cfg.get("fast_steps_packed_gqa")))
         if option(cfg, "fast_steps_bf16_lora") and cfg.get("torch_dtype") == torch.bfloat16:
             self.params, self.masters = cast_trainable_to_bf16(model)
             LOG.info("fast_steps: %d LoRA tensors in bf16, fp32 masters in the optimizer",
