@@ -12,6 +12,8 @@ in args.py (on by default unless said):
 - gc freeze: what was loaded before training is left out of the garbage collector's scans
   (and, from config load on, what the imports made);
 - dataset save in process: the prepared datasets saved without a one-worker process pool;
+- packed GQA (off by default): the packed attention takes grouped-query K/V with their own
+  heads instead of repeated to the query heads (packed_layout.py);
 - fused LoRA QKV (off by default): the three attention projections' adapters computed with
   shared products instead of one by one (fused_lora.py);
 - compile (off by default): each decoder layer's training forward compiled (compiled_layers.py);
