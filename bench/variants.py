@@ -18,6 +18,7 @@ LIGER_FLAGS = ("liger_rms_norm", "liger_glu_activation", "liger_rope",
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 LIGER_IN_LAYERS = ("liger_rms_norm", "liger_glu_activation", "liger_rope")
 COMPILE = {"fast_steps": True, "fast_steps_compile": True, **dict.fromkeys(LORA_KERNELS, False)}
+CUDA_GRAPHS = {"fast_steps": True, "fast_steps_cuda_graphs": True}
 
 VARIANTS: dict[str, dict] = {
     # -- the original notebook's method ---------------------------------------------------
@@ -178,19 +179,17 @@ VARIANTS: dict[str, dict] = {
     "fused_qkv": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_fused_lora_qkv": True},
                   "about": "fast_steps_fused_lora_qkv: the Q/K/V LoRA products shared across "
                            "the three projections (8 fewer kernels per layer)"},
-    "cuda_graphs": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True},
+    "cuda_graphs": {"kind": "axolotl", "overrides": CUDA_GRAPHS,
                     "about": "fast_steps_cuda_graphs: the decoder stack's forward and backward "
                              "replayed as two CUDA graphs"},
     "cuda_graphs_fused_qkv": {"kind": "axolotl",
-                              "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True,
-                                            "fast_steps_fused_lora_qkv": True},
+                              "overrides": {**CUDA_GRAPHS, "fast_steps_fused_lora_qkv": True},
                               "about": "fast_steps_cuda_graphs with fast_steps_fused_lora_qkv"},
     "packed_gqa": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_packed_gqa": True},
                    "about": "fast_steps_packed_gqa: K/V to the varlen kernel with their own 8 heads, "
                             "not repeated to 32"},
     "cuda_graphs_gqa": {"kind": "axolotl",
-                        "overrides": {"fast_steps": True, "fast_steps_cuda_graphs": True,
-                                      "fast_steps_packed_gqa": True},
+                        "overrides": {**CUDA_GRAPHS, "fast_steps_packed_gqa": True},
                         "about": "fast_steps_cuda_graphs with fast_steps_packed_gqa"},
     "recipe_8gb_unpaged": {"kind": "axolotl", "recipe": "recipes/mistral-qlora-8gb.yml",
                            "overrides": {"optimizer": "adamw_bnb_8bit"},

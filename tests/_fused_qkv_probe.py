@@ -53,6 +53,8 @@ def one_step(recipe: str, work: str, fused: bool) -> dict:
 
 
 def relative(a, b) -> float:
+    """Largest difference relative to the largest value, in float32 (bf16 inputs on a GPU)."""
+    a, b = a.float(), b.float()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 

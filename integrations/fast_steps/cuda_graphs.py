@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from integrations.fast_steps.compiled_layers import decoder_layers
-from integrations.fast_steps.packed_layout import LayoutCache, PackedLayout
+from integrations.fast_steps.packed_layout import LayoutCache, PackedLayout, document_starts
 
 # Packed rows here hold about 9 documents (8 passages of <= 512 tokens and the padding); the
 # varlen kernels launch work per document slot, so the bound is generous but not huge.
@@ -50,10 +50,10 @@ MAX_DOCUMENTS = 32
 
 def padded_cu_seqlens(position_ids: torch.Tensor, capacity: int) -> torch.Tensor | None:
     """Host int32 offsets of the documents of a packed micro-batch, `capacity` + 1 of them: the
-    starts (where the position equals the minimum, as packed_layout finds them), then the total
-    length repeated. None when there are more documents than `capacity`."""
+    starts (as packed_layout finds them), then the total length repeated. None when there are
+    more documents than `capacity`."""
     flat = position_ids.detach().to("cpu").reshape(-1)  # the micro-batch's one synchronisation
-    starts = (flat == flat.min()).nonzero().view(-1)
+    starts = document_starts(flat)
     if starts.numel() > capacity:
         return None
     offsets = torch.full((capacity + 1,), flat.numel(), dtype=torch.int32)

@@ -35,6 +35,13 @@ class PackedLayout:
     max_seqlen: int  # the longest document
 
 
+def document_starts(flat_position_ids: torch.Tensor) -> torch.Tensor:
+    """Where the documents of a flattened packed micro-batch start (host tensor in, host out):
+    where the position equals the minimum, as transformers' `prepare_fa_kwargs_from_position_ids`
+    finds them."""
+    return (flat_position_ids == flat_position_ids.min()).nonzero().view(-1)
+
+
 def packed_layout(position_ids: torch.Tensor, device: torch.device | str) -> PackedLayout:
     """The layout of a micro-batch whose `position_ids` restart at each document.
 
@@ -46,8 +53,7 @@ def packed_layout(position_ids: torch.Tensor, device: torch.device | str) -> Pac
     if int((host == 0).sum()) <= host.shape[0]:
         return PackedLayout(False, None, 0)
     flat = host.reshape(-1)
-    starts = (flat == flat.min()).nonzero().view(-1)
-    cu_seqlens = torch.cat((starts, torch.tensor([flat.numel()]))).to(torch.int32)
+    cu_seqlens = torch.cat((document_starts(flat), torch.tensor([flat.numel()]))).to(torch.int32)
     max_seqlen = int(cu_seqlens.diff().max())
     if torch.device(device).type == "cuda":
         cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
@@ -107,8 +113,6 @@ def make_packed_sdpa(stock_sdpa: Callable, cache: LayoutCache,
     params = set(inspect.signature(varlen_attn).parameters)
     # torch >= 2.11 takes window_size ((-1, 0) = causal); 2.10 only is_causal
     has_window = "window_size" in params or "is_causal" not in params
-    if native_gqa and "enable_gqa" not in params:
-        raise ValueError(f"torch {torch.__version__}'s varlen_attn has no enable_gqa")
 
     def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0,
