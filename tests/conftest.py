@@ -134,6 +134,14 @@ def book_csv_args() -> tuple[str, ...]:
     return ("--csv", str(write_synthetic_book(synthetic)), "--skip-checksum")
 
 
+def repo_env(**extra: str) -> dict:
+    """This environment for a child Python that imports the repository, with PYTHONPATH kept
+    (a GPU box's packages may live on it), and AXOLOTL_DO_NOT_TRACK / HF_HUB_OFFLINE set."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": path, **extra}
+
+
 def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 900, **kw):
     """Run a command from the repo root, stdout+stderr to `log`; return the CompletedProcess."""
     with open(log, "w") as handle:

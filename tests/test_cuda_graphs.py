@@ -16,13 +16,12 @@ real `axolotl train` run with the option against one without it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, axolotl, run_logged, write_recipe
+from conftest import REPO, axolotl, repo_env, run_logged, write_recipe
 from test_integrations import RECIPE_SETTINGS  # what the plugin's other parts need
 
 from integrations.fast_steps import plugin as fast_steps
@@ -37,7 +36,9 @@ CUDA_OVERRIDES = {"load_in_4bit": True, "adapter": "qlora", "bf16": True,
                   "attn_implementation": "sdpa", "sdpa_varlen": True, "sample_packing": True,
                   "pad_to_sequence_len": True, "micro_batch_size": 1,
                   "optimizer": "adamw_torch_fused", "lora_modules_to_save": None,
-                  "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
+                  "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True,
+                  # as the 7B recipe: Axolotl keeps stock SDPA for a model with a sliding window
+                  "overrides_of_model_config": {"sliding_window": None}}
 
 
 def test_the_layout_buffer_holds_the_document_starts_then_the_row_length():
@@ -72,8 +73,7 @@ def test_recipe_settings_a_graph_cannot_serve_are_one_line_errors(change, says):
 
 
 def probe(tmp_path, *args: str) -> dict:
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+    env = repo_env()
     run = subprocess.run([sys.executable, "tests/_cuda_graphs_probe.py", str(TINY),
                           str(tmp_path), *args],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -125,7 +125,7 @@ def test_axolotl_train_with_cuda_graphs_replays_every_step_after_the_first(tiny_
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     steps, losses = 6, {}
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    env = repo_env()
     for graphs in (False, True):
         out = tmp_path / f"graphs-{graphs}"
         recipe = write_recipe(TINY, tmp_path / f"graphs-{graphs}.yml", **CUDA_OVERRIDES,

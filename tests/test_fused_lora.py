@@ -10,13 +10,12 @@ relative. A wrong transpose, scale or slice moves them by order 1.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, repo_env
 from test_integrations import RECIPE_SETTINGS  # what the plugin's other parts need
 
 from integrations.fast_steps import plugin as fast_steps
@@ -133,8 +132,7 @@ def test_fused_qkv_through_axolotls_trainer_gives_axolotls_loss_and_gradients(ti
                                                                               tmp_path):
     """The tiny recipe with Axolotl's LoRA QKV kernel, built by Axolotl's own loaders with and
     without the option: every attention layer switched, the same loss and gradients."""
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+    env = repo_env()
     run = subprocess.run([sys.executable, "tests/_fused_qkv_probe.py",
                           "recipes/tiny-mistral-cpu.yml", str(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ import torch
 from core.errors import UserError
 from integrations.fast_steps import plugin as fast_steps
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
-from integrations.fast_steps.packed_layout import LayoutCache, packed_layout
+from integrations.fast_steps.packed_layout import LayoutCache, packed_layout, varlen_takes_gqa
 
 
 def random_packed_position_ids(rows: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -321,6 +321,8 @@ def test_packed_gqa_on_cuda_gives_the_repeated_heads_results(axolotl_varlen_patc
     two query heads' K/V gradients itself instead of the repeat's backward)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if not varlen_takes_gqa():
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no enable_gqa")
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1)).cuda()
     pid = random_packed_position_ids(1, 256, 3).cuda()
     results = {}
