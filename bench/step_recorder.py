@@ -173,14 +173,15 @@ class StepRecorder(TrainerCallback):
             self._profiler.__enter__()
         self._step_begin = time.perf_counter()
 
-    def _write_profile(self):
+    def _write_profile(self, step_s: float):
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
         averages = profiler.key_averages()
-        gpu_key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        gpu_total_us = sum(getattr(e, gpu_key.removesuffix("_total"), 0) or 0 for e in averages)
+        # the kernels of one stream do not overlap: their summed self time is the GPU's busy time
+        gpu_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        gpu_total_us = sum(getattr(e, gpu_key, 0) or 0 for e in averages)
         tables = [f"# {self.label}: optimizer step {self.profile_step}; summed GPU self time "
-                  f"{gpu_total_us / 1e3:.1f} ms",
+                  f"{gpu_total_us / 1e3:.1f} ms of the step's {step_s * 1e3:.1f} ms (profiled)",
                   averages.table(sort_by=gpu_key, row_limit=30),
                   averages.table(sort_by="cpu_time_total", row_limit=20)]
         with self.out_path.with_suffix(".profile.txt").open("w") as handle:
@@ -207,7 +208,7 @@ class StepRecorder(TrainerCallback):
         record.update(self._memory())
         self.write(record)
         if self._profiler is not None:
-            self._write_profile()
+            self._write_profile(record["compute_s"])
             now = time.perf_counter()  # profiler teardown stays out of the next step's time
         self._last_end = now
         self._reset_accumulators()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -513,3 +514,30 @@ def test_summary_merges_ranks_and_drops_warmup():
     assert summary["peak_alloc_gib"] == 31.0  # warm-up steps count for memory, not for speed
     flops = sum(r["model_flops"] for r in records[4:])
     assert summary["mfu_pct"] == pytest.approx(100 * flops / (2.6 * 2 * 989.4e12))
+
+
+def test_profiled_step_reports_summed_kernel_time_against_the_step(tmp_path, monkeypatch):
+    """BENCH_PROFILE_STEP=N: the profile of step N says how much of the step the device (here
+    the CPU's own ops) was busy, next to the step's wall time, and lists the ops."""
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from bench.step_recorder import StepRecorder
+
+    monkeypatch.setenv("BENCH_PROFILE_STEP", "2")
+    recorder = StepRecorder(tmp_path / "steps.jsonl", MISTRAL_7B, False, label="probe")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    for step in range(2):
+        recorder.on_step_begin(args, state, control)
+        x = torch.randn(256, 256)
+        for _ in range(20):
+            x = torch.tanh(x @ x)
+        state.global_step = step + 1
+        recorder.on_step_end(args, state, control)
+    header = recorder.out_path.with_suffix(".profile.txt").read_text().splitlines()[0]
+    busy, step = (float(v) for v in re.findall(r"([\d.]+) ms", header))
+    assert header.startswith("# probe: optimizer step 2") and "of the step's" in header
+    assert 0 < busy <= step * 1.05  # the ops ran inside the step that was timed
+    records = [json.loads(line) for line in recorder.out_path.read_text().splitlines()]
+    assert abs(records[-1]["compute_s"] * 1e3 - step) < 0.1
