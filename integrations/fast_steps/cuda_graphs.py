@@ -61,6 +61,15 @@ def padded_cu_seqlens(position_ids: torch.Tensor, capacity: int) -> torch.Tensor
     return offsets
 
 
+def device_memory_gib() -> dict | None:
+    """The CUDA allocator's allocated and reserved bytes now, in GiB (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    gib = 2**30
+    return {"allocated": round(torch.cuda.memory_allocated() / gib, 3),
+            "reserved": round(torch.cuda.memory_reserved() / gib, 3)}
+
+
 def warm_up(stack: torch.nn.Module, sample: list[torch.Tensor]) -> None:
     """One forward and backward on a side stream, as make_graphed_callables warms up (lazy
     initialisations must not happen during a capture), then the memory it took released."""
@@ -118,6 +127,7 @@ class GraphedStack:
         self._host_offsets = None  # kept alive until its copy to the device has run
         self.replays = self.eager_calls = 0
         self.capture_seconds = None
+        self.memory_gib: dict = {}  # allocated / reserved around the capture (what the pool holds)
 
     def install(self, model) -> int:
         self.layers = decoder_layers(model)
@@ -189,6 +199,7 @@ class GraphedStack:
         position_ids.copy_(torch.arange(length, device=device).expand(position_ids.shape))
         cu_seqlens.fill_(rows * length)  # one document per row: a valid layout to capture
         cu_seqlens[:rows] = torch.arange(rows, device=device, dtype=cu_seqlens.dtype) * length
+        self.memory_gib["before_capture"] = device_memory_gib()
         start = time.perf_counter()
         autocast = (torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False)
                     if autocast_dtype else contextlib.nullcontext())
@@ -205,11 +216,13 @@ class GraphedStack:
             self.layouts.static = None
         torch.cuda.synchronize()
         self.capture_seconds = round(time.perf_counter() - start, 3)
+        self.memory_gib["after_capture"] = device_memory_gib()
 
     def report(self) -> dict:
         return {"layers": len(self.layers), "graphs": self.graphs, "replays": self.replays,
                 "eager_training_calls": self.eager_calls,
                 "capture_seconds": self.capture_seconds, "max_documents": self.capacity,
+                "memory_gib": {**self.memory_gib, "at_report": device_memory_gib()},
                 "signature": None if self.signature is None else [
                     [list(shape), str(dtype), grad]
                     for shape, dtype, grad in self.signature.shapes]}
