@@ -14,7 +14,8 @@ pin = $(shell sed -nE 's/.*"$(1)(\[[^]]*\])?==([^";, ]+)".*/\2/p' pyproject.toml
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 # `make test` runs in this many pytest-xdist workers (tests sharing a session fixture stay
-# together, tests/conftest.py); 1 runs the suite in one process.
+# together, tests/conftest.py); 1 runs the suite in one process. The 25 slowest tests are listed
+# at the end (where the suite's time goes).
 PYTEST_WORKERS ?= 2
 
 # Offline by default (the demo and tests need no hub); the venv's commands first. Axolotl's
@@ -112,7 +113,7 @@ demo-tiny: setup
 	$(PY) -m demo --recipe recipes/tiny-mistral-cpu.yml
 
 test: setup setup-export
-	$(PY) -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) --durations=25 $(PYTEST_ARGS)
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
