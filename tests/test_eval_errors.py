@@ -11,13 +11,13 @@ message texts (a real out-of-memory while loading runs in the `gpu`-marked test)
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
 import sys
 import threading
 
 import pytest
 from _eval_helpers import REPO, TEXTS, tiny_model_dir, write_jsonl
+from conftest import repo_env
 
 from core.diagnostics import (
     cuda_init_problem,
@@ -91,8 +91,7 @@ def test_hub_refusal_is_one_line_naming_the_fix(case, tmp_path):
     data = write_jsonl(tmp_path / "eval.jsonl", TEXTS)
     out = tmp_path / "out"
     with FakeHub(HUB_ANSWERS[case]) as hub:
-        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
-               "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO)}
+        env = repo_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
         env.pop("HF_TOKEN", None)
         if case != "gated, no token":
             env["HF_TOKEN"] = "hf_FAKEtokenForTheLocalStandInHub0123"

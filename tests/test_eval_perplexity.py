@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from _eval_helpers import (
     tiny_model_dir,
     write_jsonl,
 )
+from conftest import repo_env
 
 from eval.perplexity import main
 
@@ -225,7 +225,7 @@ def test_adapter_for_another_base_is_one_line(tmp_path, capsys):
 
 def test_cli_subprocess_fails_fast_with_one_line(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = repo_env()
     proc = subprocess.run(
         [sys.executable, "-m", "eval.perplexity", "--model", str(tmp_path / "missing-model"),
          "--data", str(write_jsonl(tmp_path / "eval.jsonl", TEXTS)), "--out", str(out)],

@@ -12,13 +12,12 @@ all-reduce adds the two ranks' halves in another order than one process accumula
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
 import pytest
 import torch
-from conftest import REPO, axolotl, run_logged, write_recipe
+from conftest import REPO, axolotl, repo_env, run_logged, write_recipe
 
 from core.files import read_jsonl
 
@@ -46,7 +45,7 @@ def runs(tiny_model, tmp_path_factory):
                  "bench.axolotl_plugin.ThroughputPlugin"])
     single = write_recipe(recipe, root / "single.yml", output_dir=str(root / "single"),
                           gradient_accumulation_steps=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = repo_env(OMP_NUM_THREADS="1")
     assert run_logged(axolotl("preprocess", recipe), root / "preprocess.log",
                       env=env).returncode == 0, (root / "preprocess.log").read_text()[-3000:]
     port = free_port()
