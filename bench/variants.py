@@ -179,6 +179,13 @@ VARIANTS: dict[str, dict] = {
     "fused_qkv": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_fused_lora_qkv": True},
                   "about": "fast_steps_fused_lora_qkv: the Q/K/V LoRA products shared across "
                            "the three projections (8 fewer kernels per layer)"},
+    "fp8_base": {"kind": "axolotl", "overrides": {"fast_steps": True, "fast_steps_fp8_base": "cached"},
+                 "about": "fast_steps_fp8_base: cached: the base products in FP8 from e4m3 "
+                          "weights cast once (4-bit storage released)"},
+    "fp8_base_per_step": {"kind": "axolotl",
+                          "overrides": {"fast_steps": True, "fast_steps_fp8_base": "per_step"},
+                          "about": "fast_steps_fp8_base: per_step: the base products in FP8, "
+                                   "weights dequantised from 4 bits at every use"},
     "cuda_graphs": {"kind": "axolotl", "overrides": CUDA_GRAPHS,
                     "about": "fast_steps_cuda_graphs: the decoder stack's forward and backward "
                              "replayed as two CUDA graphs"},

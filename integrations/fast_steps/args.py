@@ -58,3 +58,10 @@ class FastStepsArgs(BaseModel):
             "captured after the first step (cuda_graphs.py): needs a CUDA GPU, "
             "pad_to_sequence_len, gradient_accumulation_steps 1, no gradient checkpointing, "
             "fast_steps_packed_layout on, fast_steps_compile off")})
+    fast_steps_fp8_base: Literal[False, "cached", "per_step"] = Field(
+        default=False, json_schema_extra={"description": (
+            "The frozen 4-bit base weights' matrix products in FP8 (e4m3, power-of-two "
+            "scales; fp8_base.py): `cached` casts the weights to e4m3 once and releases their "
+            "4-bit storage, `per_step` dequantises them at every use as before: needs a GPU "
+            "with FP8 (compute capability 8.9+), load_in_4bit and Axolotl's three LoRA kernels "
+            "on; changes the base model's arithmetic (compare the loss)")})

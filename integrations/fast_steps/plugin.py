@@ -18,7 +18,9 @@ in args.py (on by default unless said):
   shared products instead of one by one (fused_lora.py);
 - compile (off by default): each decoder layer's training forward compiled (compiled_layers.py);
 - CUDA graphs (off by default): the decoder stack's training forward and backward replayed as
-  two CUDA graphs (cuda_graphs.py).
+  two CUDA graphs (cuda_graphs.py);
+- FP8 base products (off by default): the frozen 4-bit weights' matrix products on FP8 tensor
+  cores (fp8_base.py).
 
 Each part checks at start-up that what it replaces is there (Axolotl's varlen attention
 wrapper; the recipe settings it needs) and stops with one line otherwise (one `error:` line and
@@ -38,6 +40,7 @@ from core.pins import pinned
 from integrations.fast_steps.compiled_layers import CompiledLayers, compile_report
 from integrations.fast_steps.cuda_graphs import GraphedStack
 from integrations.fast_steps.dataset_save import save_in_process
+from integrations.fast_steps.fp8_base import install_fp8_base
 from integrations.fast_steps.fused_lora import install_fused_qkv
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
 from integrations.fast_steps.packed_layout import (
@@ -113,7 +116,23 @@ def settings_problems(cfg) -> list[str]:
                             "remove `torch_compile: true` (or set `fast_steps_compile: false`)")
     if cfg.get("fast_steps_cuda_graphs"):
         problems += cuda_graph_problems(cfg)
+    if cfg.get("fast_steps_fp8_base"):
+        problems += fp8_problems(cfg)
     return problems
+
+
+def fp8_problems(cfg) -> list[str]:
+    """What fast_steps_fp8_base needs of a recipe (fp8_base.py says why)."""
+    needs = []
+    if not cfg.get("load_in_4bit"):
+        needs.append("`load_in_4bit: true` (it replaces the 4-bit weights' products)")
+    off = [k for k in LORA_KERNEL_KEYS if cfg.get(k) is False]
+    if off:  # the products it replaces are the kernels'
+        needs.append(" ".join(f"remove `{k}: false`" for k in off))
+    if cfg.get("fast_steps_compile"):
+        needs.append("`fast_steps_compile: false`")
+    return [f"{NAME}: fast_steps_fp8_base needs {need} (or set `fast_steps_fp8_base: false`)"
+            for need in needs]
 
 
 def cuda_graph_problems(cfg) -> list[str]:
@@ -315,6 +334,15 @@ class FastStepsPlugin(BasePlugin):
                         "LoRA QKV kernel with LoRA on q/k/v_proj, one scale and no bias or DoRA; "
                         "set `fast_steps_fused_lora_qkv: false`")
             LOG.info("fast_steps: %d attention layers with fused LoRA Q/K/V products", count)
+        fp8 = cfg.get("fast_steps_fp8_base")
+        if fp8 and training(cfg):
+            if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+                with reported(newline=True):
+                    raise UserError(f"{NAME}: fast_steps_fp8_base needs a GPU with FP8 tensor "
+                                    "cores (compute capability 8.9+: Ada, Hopper or newer); "
+                                    "set `fast_steps_fp8_base: false`")
+            count = install_fp8_base(trainer.model, fp8)
+            LOG.info("fast_steps: %d 4-bit base weights with FP8 products (%s)", count, fp8)
         if self.compiled:
             # last of all: after Axolotl's and Liger's patches and the packed attention
             count = self.compiled.install(trainer.model)
