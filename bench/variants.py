@@ -186,6 +186,8 @@ VARIANTS: dict[str, dict] = {
                           "overrides": {"fast_steps": True, "fast_steps_fp8_base": "per_step"},
                           "about": "fast_steps_fp8_base: per_step: the base products in FP8, "
                                    "weights dequantised from 4 bits at every use"},
+    "cuda_graphs_fp8": {"kind": "axolotl", "overrides": {**CUDA_GRAPHS, "fast_steps_fp8_base": "cached"},
+                        "about": "fast_steps_cuda_graphs + fast_steps_fp8_base: cached"},
     "cuda_graphs": {"kind": "axolotl", "overrides": CUDA_GRAPHS,
                     "about": "fast_steps_cuda_graphs: the decoder stack's forward and backward "
                              "replayed as two CUDA graphs"},

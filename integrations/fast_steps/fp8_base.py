@@ -45,12 +45,41 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=1e-30))))
 
 
+def _rows_to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = power_of_two_scale(x.abs().amax(dim=1, keepdim=True))
+    return (x.float() * scale).to(E4M3), scale.reciprocal()
+
+
+def _scaled_to_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.float() * scale).to(E4M3)
+
+
+def _scaled_to_e4m3_transposed(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.t().float() * scale).contiguous().to(E4M3)
+
+
+def _transposed(w8: torch.Tensor) -> torch.Tensor:
+    return w8.t().contiguous()
+
+
+_COMPILED: dict = {}
+
+
+def on_device(fn, x: torch.Tensor):
+    """fn compiled into one fused kernel on a GPU (eagerly, these casts and the fp8 transpose
+    are several passes over memory each, and cost more than the FP8 products save), as is
+    elsewhere. Shapes are fixed by pad_to_sequence_len: one compilation per shape."""
+    if not x.is_cuda:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
+
+
 def to_e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows × k) in e4m3, each row scaled by its own power of two; returns it and the
     inverse factors (rows × 1, float32) that `_scaled_mm` multiplies back."""
-    low, high = torch.aminmax(x, dim=1, keepdim=True)  # one pass, no |x| temporary
-    scale = power_of_two_scale(torch.maximum(high, -low))
-    return (x * scale.to(x.dtype)).to(E4M3), scale.reciprocal()
+    return on_device(_rows_to_e4m3, x)(x)
 
 
 def dequantize_4bit(weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -74,14 +103,21 @@ class Fp8Entry:
         self.inverse = self.scale.reciprocal()
         self._weight = weakref.ref(weight)
         self.quant_state = quant_state
-        self.cached = (dense * self.scale.to(dense.dtype)).to(E4M3) if mode == "cached" else None
+        self.cached = _scaled_to_e4m3(dense, self.scale) if mode == "cached" else None
 
     def e4m3(self) -> torch.Tensor:
-        """The weight (out × in, row-major) in e4m3."""
+        """The weight (out × in, row-major) in e4m3: what the forward products read."""
         if self.cached is not None:
             return self.cached
         dense = dequantize_4bit(self._weight(), self.quant_state)
-        return (dense * self.scale.to(dense.dtype)).to(E4M3)
+        return on_device(_scaled_to_e4m3, dense)(dense, self.scale)
+
+    def e4m3_transposed(self) -> torch.Tensor:
+        """Wᵀ (in × out, row-major) in e4m3: what the input gradient's products read."""
+        if self.cached is not None:
+            return on_device(_transposed, self.cached)(self.cached)
+        dense = dequantize_4bit(self._weight(), self.quant_state)
+        return on_device(_scaled_to_e4m3_transposed, dense)(dense, self.scale)
 
     def dense(self) -> torch.Tensor:
         """The weight in its compute dtype (what the 4-bit dequantisation gave, up to e4m3)."""
@@ -93,10 +129,9 @@ def fp8_product(a: torch.Tensor, entry: Fp8Entry, transposed: bool) -> torch.Ten
     transposed else W (out × in, the input gradient)."""
     shape = a.shape
     a2 = a.reshape(-1, shape[-1])
-    w8 = entry.e4m3()
     # _scaled_mm wants its second operand column-major: Wᵀ is that view of W as stored; W
     # itself needs the transposed copy
-    mat2 = w8.t() if transposed else w8.t().contiguous().t()
+    mat2 = entry.e4m3().t() if transposed else entry.e4m3_transposed().t()
     a8, a_inverse = to_e4m3_rows(a2.contiguous())
     columns = mat2.shape[1]
     out = torch._scaled_mm(a8, mat2, scale_a=a_inverse,
