@@ -249,12 +249,12 @@ class DemoRun:
 
 @pytest.fixture(scope="session")
 def short_demo_log(prepared_data, tmp_path_factory) -> DemoRun:
-    """`python -m demo` shortened (6 steps, 6 eval rows, 16 new tokens): the real pipeline on
+    """`python -m demo` shortened (4 steps, 6 eval rows, 16 new tokens): the real pipeline on
     SmolLM2-135M, run once; test_demo checks it, test_export exports its adapter."""
     root = tmp_path_factory.mktemp("short-demo")
     out, log = root / "demo", root / "demo.log"
     proc = run_logged(
-        [sys.executable, "-m", "demo", "--output-dir", str(out), "--max-steps", "6",
+        [sys.executable, "-m", "demo", "--output-dir", str(out), "--max-steps", "4",
          "--max-eval-rows", "6", "--max-new-tokens", "16", *book_csv_args()],
         log, timeout=1200)
     return DemoRun(out, log, proc.returncode)
