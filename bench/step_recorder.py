@@ -177,9 +177,15 @@ class StepRecorder(TrainerCallback):
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
         averages = profiler.key_averages()
-        # the kernels of one stream do not overlap: their summed self time is the GPU's busy time
+        # the kernels of one stream do not overlap: their summed self time is the GPU's busy time.
+        # Only the kernels' own rows, as torch's table totals them: an op's row repeats the
+        # device time of the kernels it launched
         gpu_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        gpu_total_us = sum(getattr(e, gpu_key, 0) or 0 for e in averages)
+        from torch.autograd import DeviceType
+
+        rows = [e for e in averages if not getattr(e, "is_user_annotation", False)
+                and (not self.cuda or e.device_type == DeviceType.CUDA)]
+        gpu_total_us = sum(getattr(e, gpu_key, 0) or 0 for e in rows)
         tables = [f"# {self.label}: optimizer step {self.profile_step}; summed GPU self time "
                   f"{gpu_total_us / 1e3:.1f} ms of the step's {step_s * 1e3:.1f} ms (profiled)",
                   averages.table(sort_by=gpu_key, row_limit=30),

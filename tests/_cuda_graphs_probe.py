@@ -49,9 +49,10 @@ def main(argv=None) -> int:
     graphs = "--graphs" in args
     recipe, work, *overrides = [a for a in args if a != "--graphs"]
     extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
-    cfg = load_cfg(recipe, plugins=PLUGINS, pad_to_sequence_len=True, micro_batch_size=1,
-                   use_tensorboard=False, output_dir=f"{work}/out",
-                   dataset_prepared_path=f"{work}/prepared", **extra)
+    # the command line's settings win over the probe's defaults (a GPU run repeats two of them)
+    settings = {"pad_to_sequence_len": True, "micro_batch_size": 1, **extra}
+    cfg = load_cfg(recipe, plugins=PLUGINS, use_tensorboard=False, output_dir=f"{work}/out",
+                   dataset_prepared_path=f"{work}/prepared", **settings)
     meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
     torch.manual_seed(0)
     trainer, model, *_ = setup_model_and_trainer(cfg, meta)
