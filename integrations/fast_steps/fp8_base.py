@@ -28,12 +28,9 @@ whose matmul, mm and addmm_ run the FP8 product; any other operation gets the bf
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
-
-LOG = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -96,7 +93,6 @@ class Fp8Entry:
     """One frozen base weight (out × in): its e4m3 form and the inverse of its factor."""
 
     def __init__(self, weight: torch.nn.Parameter, quant_state, dense: torch.Tensor, mode: str):
-        self.mode = mode
         self.shape = tuple(dense.shape)  # (out, in)
         self.dtype = dense.dtype
         self.scale = power_of_two_scale(dense.abs().amax())  # 0-dim float32
@@ -104,6 +100,13 @@ class Fp8Entry:
         self._weight = weakref.ref(weight)
         self.quant_state = quant_state
         self.cached = _scaled_to_e4m3(dense, self.scale) if mode == "cached" else None
+        self._inverse_rows: dict[int, torch.Tensor] = {}
+
+    def inverse_row(self, columns: int) -> torch.Tensor:
+        """The inverse factor as the (1 × columns) float32 row `_scaled_mm` takes, made once."""
+        if columns not in self._inverse_rows:
+            self._inverse_rows[columns] = self.inverse.reshape(1, 1).expand(1, columns).contiguous()
+        return self._inverse_rows[columns]
 
     def e4m3(self) -> torch.Tensor:
         """The weight (out × in, row-major) in e4m3: what the forward products read."""
@@ -134,8 +137,7 @@ def fp8_product(a: torch.Tensor, entry: Fp8Entry, transposed: bool) -> torch.Ten
     mat2 = entry.e4m3().t() if transposed else entry.e4m3_transposed().t()
     a8, a_inverse = to_e4m3_rows(a2.contiguous())
     columns = mat2.shape[1]
-    out = torch._scaled_mm(a8, mat2, scale_a=a_inverse,
-                           scale_b=entry.inverse.reshape(1, 1).expand(1, columns).contiguous(),
+    out = torch._scaled_mm(a8, mat2, scale_a=a_inverse, scale_b=entry.inverse_row(columns),
                            out_dtype=a.dtype)
     return out.view(*shape[:-1], columns)
 
@@ -226,11 +228,11 @@ REGISTRY = Fp8Registry()
 
 
 def four_bit_weights(model):
-    """(module, weight) for every bitsandbytes 4-bit linear layer of the model."""
+    """The weight of every bitsandbytes 4-bit linear layer of the model."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if getattr(weight, "quant_state", None) is not None and hasattr(weight, "quant_type"):
-            yield module, weight
+            yield weight
 
 
 def install_fp8_base(model, mode: str = "cached") -> int:
@@ -244,7 +246,7 @@ def install_fp8_base(model, mode: str = "cached") -> int:
         REGISTRY.original = quantize.dequantize
         quantize.dequantize = lora.dequantize = REGISTRY.dequantize
     count = 0
-    for _, weight in four_bit_weights(model):
+    for weight in four_bit_weights(model):
         state = weight.quant_state
         if id(state) in REGISTRY.entries:
             continue
