@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import cpu_model
 
 
 def build(model_dir: Path):
@@ -37,16 +38,6 @@ def build(model_dir: Path):
                                                  attn_implementation="sdpa")
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                             target_modules="all-linear")).train()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_seconds_per_step(model, ids: torch.Tensor, warmup: int, steps: int) -> float:

@@ -35,11 +35,14 @@
 #                    part (bench/time_to_adapter.py) into $OUT/time_to_adapter.jsonl
 #   COMPILE_PYC=1    byte-compile the installed wheels first (as pip does without --no-compile)
 #   BENCH_PROFILE_STEP=N BENCH_PROFILE_VARIANTS=a,b  torch profile of step N of those variants
+#                    (BENCH_PROFILE_TRACE=1: its trace too, $OUT/trace-<variant>.json.gz, and
+#                    where the GPU sat idle; BENCH_SYNC_STEP=M: what made the host wait for the
+#                    GPU in step M, $OUT/syncs.txt; bench/step_recorder.py)
 #   STARTUP_PROFILE=1  time the imports of each process `axolotl train` starts ($OUT/startup.txt)
 # Extra arguments go to `python -m bench.train_throughput` (e.g. --set key=value).
 #
 # Files left in $OUT: env.txt, build.log, throughput.jsonl (one summary line per variant),
-# steps.jsonl (every per-step record), runs.log (all run logs), profiles.txt,
+# steps.jsonl (every per-step record), runs.log (all run logs), profiles.txt, syncs.txt,
 # eval-perplexity.json. The table is printed last.
 set -uo pipefail
 
@@ -185,6 +188,11 @@ else
 fi
 this_calls "$WORK_DIR" steps.rank0.profile.txt 3 | xargs -r cat > "$OUT/profiles.txt"
 [[ -s $OUT/profiles.txt ]] || rm -f "$OUT/profiles.txt"
+this_calls "$WORK_DIR" steps.rank0.syncs.txt 3 | xargs -r cat > "$OUT/syncs.txt"
+[[ -s $OUT/syncs.txt ]] || rm -f "$OUT/syncs.txt"
+for f in $(this_calls "$WORK_DIR" steps.rank0.trace.json.gz 3); do
+  cp "$f" "$OUT/trace-$(basename "$(dirname "$f")").json.gz"
+done
 for f in "$WORK_DIR"/eval_ppl*/eval/perplexity.json "$WORK_DIR"/lane*/eval_ppl*/eval/perplexity.json; do
   [[ $f -nt $STARTED_MARK ]] && cp "$f" "$OUT/eval-perplexity.json" && break
 done

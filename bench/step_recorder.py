@@ -14,6 +14,13 @@ the optimizer and logging are in it; step 1 is timed from its own begin); `compu
 record); the `meta` line written at train begin holds the peak of model loading. Every rank of
 a multi-GPU run writes its own file (`<path>.rank<r>.jsonl`); bench.train_throughput sums
 tokens over ranks and takes the slowest rank's time.
+
+Diagnostics of one step, each next to the step records: BENCH_PROFILE_STEP=N writes the torch
+profile of optimizer step N (`.profile.txt`); with BENCH_PROFILE_TRACE=1 also its trace
+(`.trace.json.gz`, Python stacks included) and where the GPU sat idle in it (bench/gpu_gaps.py,
+appended to the profile). BENCH_SYNC_STEP=N lists every operation from step N's begin to the next
+step's that made the host wait for the GPU (torch's sync debug mode), with the Python frames
+that called it (`.syncs.txt`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import json
 import os
 import platform
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,7 +110,11 @@ class StepRecorder(TrainerCallback):
         # BENCH_PROFILE_STEP=N: run torch.profiler over optimizer step N and write the top ops
         # (GPU self time, then CPU total) next to the step records.
         self.profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0") or 0)
+        self.trace = os.environ.get("BENCH_PROFILE_TRACE", "0") == "1"
         self._profiler = None
+        self.sync_step = int(os.environ.get("BENCH_SYNC_STEP", "0") or 0)
+        self._syncs: Counter | None = None
+        self._warnings = None
 
     # -- plumbing -------------------------------------------------------------------------
     def attach(self, trainer) -> StepRecorder:
@@ -164,14 +178,48 @@ class StepRecorder(TrainerCallback):
         })
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._syncs is not None:  # the previous step's logging and this step's batch included
+            self._write_sync_log()
         self._sync()
         if self.profile_step and state.global_step + 1 == self.profile_step and self.rank == 0:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler = torch.profiler.profile(activities=activities, with_stack=self.trace)
             self._profiler.__enter__()
+        if self.sync_step and state.global_step + 1 == self.sync_step and self.rank == 0:
+            self._start_sync_log()
         self._step_begin = time.perf_counter()
+
+    def _start_sync_log(self):
+        """Until the next step begins (so the logging after this step and the next batch are
+        in it), every implicit GPU synchronisation is counted by call site; this recorder's own
+        reads of the step's token counts among them (step_recorder.py frames)."""
+        self._syncs = Counter()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        record = self._syncs
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+            where = " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                               for f in reversed(frames[-6:]))
+            record[f"{str(message).splitlines()[0][:80]} | {where}"] += 1
+
+        warnings.showwarning = show
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def _write_sync_log(self):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        self._warnings.__exit__(None, None, None)
+        lines = [f"# {self.label}: host waits for the GPU during optimizer step {self.sync_step}: "
+                 f"{sum(self._syncs.values())}"]
+        lines += [f"{count:4d}  {where}" for where, count in self._syncs.most_common()]
+        self.out_path.with_suffix(".syncs.txt").write_text("\n".join(lines) + "\n")
+        self._syncs = self._warnings = None
 
     def _write_profile(self, step_s: float):
         profiler, self._profiler = self._profiler, None
@@ -190,6 +238,13 @@ class StepRecorder(TrainerCallback):
                   f"{gpu_total_us / 1e3:.1f} ms of the step's {step_s * 1e3:.1f} ms (profiled)",
                   averages.table(sort_by=gpu_key, row_limit=30),
                   averages.table(sort_by="cpu_time_total", row_limit=20)]
+        if self.trace:
+            from bench.gpu_gaps import find_gaps, load_trace, summary
+
+            trace_path = self.out_path.with_suffix(".trace.json.gz")
+            profiler.export_chrome_trace(str(trace_path))
+            tables.append("# where the GPU sat idle (bench/gpu_gaps.py)\n"
+                          + summary(*find_gaps(load_trace(trace_path))))
         with self.out_path.with_suffix(".profile.txt").open("w") as handle:
             handle.write("\n\n".join(tables) + "\n")
 
@@ -220,4 +275,6 @@ class StepRecorder(TrainerCallback):
         self._reset_accumulators()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._syncs is not None:  # step N was the last
+            self._write_sync_log()
         self.write({"event": "end", "global_step": state.global_step})

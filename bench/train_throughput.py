@@ -386,6 +386,7 @@ def run_variant(name: str, args, recipe: dict, sets: dict, timeout_s: float) -> 
     profiled = os.environ.get("BENCH_PROFILE_VARIANTS")
     if profiled and name not in profiled.split(","):  # the profiler slows the rest of a run
         env.pop("BENCH_PROFILE_STEP", None)
+        env.pop("BENCH_SYNC_STEP", None)
     gpus = args.gpus if kind == "axolotl" else 1
     warmup, _ = warmup_and_steps(name, args)
     if gpus == 1 and args.gpus > 1:  # the notebook and eval are single-GPU programs

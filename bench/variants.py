@@ -188,6 +188,14 @@ VARIANTS: dict[str, dict] = {
                                    "weights dequantised from 4 bits at every use"},
     "cuda_graphs_fp8": {"kind": "axolotl", "overrides": {**CUDA_GRAPHS, "fast_steps_fp8_base": "cached"},
                         "about": "fast_steps_cuda_graphs + fast_steps_fp8_base: cached"},
+    "no_lean_walks": {"kind": "axolotl",
+                      "overrides": {"fast_steps": True, "fast_steps_lean_walks": False},
+                      "about": "fast_steps_lean_walks off: the Trainer walks the module tree "
+                               "five times per step, as before"},
+    "cuda_graphs_fp8_no_lean": {"kind": "axolotl",
+                                "overrides": {**CUDA_GRAPHS, "fast_steps_fp8_base": "cached",
+                                              "fast_steps_lean_walks": False},
+                                "about": "cuda_graphs_fp8 with fast_steps_lean_walks off"},
     "cuda_graphs": {"kind": "axolotl", "overrides": CUDA_GRAPHS,
                     "about": "fast_steps_cuda_graphs: the decoder stack's forward and backward "
                              "replayed as two CUDA graphs"},

@@ -541,3 +541,74 @@ def test_profiled_step_reports_summed_kernel_time_against_the_step(tmp_path, mon
     assert 0 < busy <= step * 1.05  # the ops ran inside the step that was timed
     records = [json.loads(line) for line in recorder.out_path.read_text().splitlines()]
     assert abs(records[-1]["compute_s"] * 1e3 - step) < 0.1
+
+
+def test_gpu_gaps_finds_each_idle_interval_and_where_the_host_was(tmp_path):
+    """bench/gpu_gaps.py on a trace whose gaps are known: two gaps (200 and 1,000 us), each
+    named by the innermost Python frames at its midpoint; a 50 us gap is under the threshold."""
+    import gzip
+
+    from bench.gpu_gaps import find_gaps, load_trace, summary
+
+    def event(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        event("kernel", "k1", 1000, 100), event("gpu_memcpy", "copy", 1300, 100),
+        event("kernel", "k2", 2400, 100), event("kernel", "k3", 2550, 50),
+        event("python_function", "train_loop", 990, 2000),
+        event("python_function", "next_batch", 1100, 200),
+        event("python_function", "optimizer_step", 1400, 1000),
+        event("cpu_op", "aten::item", 1410, 980),
+        {"ph": "i", "cat": "instant", "name": "marker", "ts": 5},  # not a span: ignored
+    ]}
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump(trace, handle)
+    gaps, totals = find_gaps(load_trace(path), min_gap_us=100)
+    assert [(g.start_us, g.length_us) for g in gaps] == [(110.0, 200.0), (410.0, 1000.0)]
+    assert gaps[0].frames == ("next_batch", "train_loop") and gaps[0].op is None
+    assert gaps[1].frames == ("optimizer_step", "train_loop") and gaps[1].op == "aten::item"
+    assert totals == {"device_events": 4, "span_us": 1600.0, "busy_us": 350.0, "gaps": 2,
+                      "gaps_us": 1200.0}
+    text = summary(gaps, totals)
+    assert text.splitlines()[0] == ("device busy 0.3 ms of 1.6 ms from its first to its last "
+                                    "event; 2 gaps = 1.2 ms idle")
+    assert "   1.00     1  optimizer_step < train_loop" in text
+    assert summary(*find_gaps({"traceEvents": []})) == "no device events in the trace"
+
+
+def test_sync_log_counts_each_wait_by_call_site_until_the_next_step(tmp_path, monkeypatch):
+    """BENCH_SYNC_STEP=N: the warnings torch's sync debug mode raises from step N's begin to
+    step N+1's (here raised by hand: a CPU has no GPU to wait for) are counted by call site,
+    and nothing outside that window."""
+    import warnings
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from bench.step_recorder import StepRecorder
+
+    def wait_for_gpu():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
+
+    monkeypatch.setenv("BENCH_SYNC_STEP", "2")
+    recorder = StepRecorder(tmp_path / "steps.jsonl", MISTRAL_7B, False, label="probe")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    for step in range(3):
+        recorder.on_step_begin(args, state, control)
+        for _ in range(step + 1):
+            wait_for_gpu()
+        state.global_step = step + 1
+        recorder.on_step_end(args, state, control)
+        wait_for_gpu()  # after the step: its logging
+    lines = recorder.out_path.with_suffix(".syncs.txt").read_text().splitlines()
+    assert lines[0] == "# probe: host waits for the GPU during optimizer step 2: 3"
+    assert len(lines) == 3  # two call sites: in the step (twice) and after it (once)
+    counts = sorted(int(line.split()[0]) for line in lines[1:])
+    assert counts == [1, 2]
+    for line in lines[1:]:
+        message, where = line.split(None, 1)[1].split(" | ")
+        assert message == "called a synchronizing CUDA operation"
+        assert where.split(" < ")[0].endswith(":wait_for_gpu")
+        assert where.split(" < ")[1].endswith(":test_sync_log_counts_each_wait_by_call_site_until_the_next_step")

@@ -126,7 +126,7 @@ RECIPE_SETTINGS = {"attn_implementation": "sdpa", "sample_packing": True, "sdpa_
 @pytest.mark.parametrize(("change", "says"), [
     ({"sdpa_varlen": None}, "`sdpa_varlen: true`"),
     ({"optimizer": "paged_adamw_8bit"}, "`optimizer: adamw_torch_fused`"),
-    ({"fsdp_config": {"fsdp_version": 2}}, "does not support FSDP"),
+    ({"fsdp_config": {"fsdp_version": 2}, "fast_steps_lean_walks": False}, "does not support FSDP"),
 ])
 def test_plugin_refuses_recipe_settings_it_cannot_serve(change, says):
     plugin = fast_steps.FastStepsPlugin()

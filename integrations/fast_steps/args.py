@@ -35,6 +35,11 @@ class FastStepsArgs(BaseModel):
     fast_steps_gc_freeze_imports: bool = switch(
         "Also freeze what the imports made, at config load: Axolotl's ~20 full collections "
         "while it packs the data and sets up the Trainer then skip those ~600k objects")
+    fast_steps_lean_walks: bool = switch(
+        "Walk the model's module tree once, not at every step: the Trainer's train(), "
+        "unwrap_model, parameter count, gradient clipping and zero_grad each walk all ~2,700 "
+        "modules of a QLoRA 7B in Python while the GPU waits (module_walks.py); not with "
+        "FSDP or DeepSpeed, whose wrappers clip the gradients")
     fast_steps_dataset_save_in_process: bool = switch(
         "Save the prepared datasets from the training process when datasets would start a "
         "one-worker process pool for it (seconds per save at every first run of a recipe)")

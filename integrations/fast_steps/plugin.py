@@ -12,6 +12,8 @@ in args.py (on by default unless said):
 - gc freeze: what was loaded before training is left out of the garbage collector's scans
   (and, from config load on, what the imports made);
 - dataset save in process: the prepared datasets saved without a one-worker process pool;
+- lean walks: the Trainer's per-step walks over the module tree (train(), unwrap_model, the
+  parameter count, gradient clipping, zero_grad) each done once (module_walks.py);
 - packed GQA (off by default): the packed attention takes grouped-query K/V with their own
   heads instead of repeated to the query heads (packed_layout.py);
 - fused LoRA QKV (off by default): the three attention projections' adapters computed with
@@ -43,6 +45,7 @@ from integrations.fast_steps.dataset_save import save_in_process
 from integrations.fast_steps.fp8_base import install_fp8_base
 from integrations.fast_steps.fused_lora import install_fused_qkv
 from integrations.fast_steps.master_weights import MasterWeightAdamW, cast_trainable_to_bf16
+from integrations.fast_steps.module_walks import install_lean_walks
 from integrations.fast_steps.packed_layout import (
     LayoutCache,
     make_packed_sdpa,
@@ -85,11 +88,15 @@ def settings_problems(cfg) -> list[str]:
         if wrong:
             problems.append(f"{NAME}: fast_steps_packed_layout needs {', '.join(wrong)} "
                             "(or set `fast_steps_packed_layout: false`)")
+    if option(cfg, "fast_steps_lean_walks") and sharded(cfg):
+        problems.append(f"{NAME}: fast_steps_lean_walks clips the gradients as one process or "
+                        "DDP does; FSDP/DeepSpeed clip through their wrappers: set "
+                        "`fast_steps_lean_walks: false`")
     if option(cfg, "fast_steps_bf16_lora"):
         if cfg.get("optimizer") != "adamw_torch_fused":
             problems.append(f"{NAME}: fast_steps_bf16_lora trains with its own fused AdamW: set "
                             "`optimizer: adamw_torch_fused` (or `fast_steps_bf16_lora: false`)")
-        if cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"):
+        if sharded(cfg):
             problems.append(f"{NAME}: fast_steps_bf16_lora does not support FSDP/DeepSpeed: "
                             "set `fast_steps_bf16_lora: false`")
     if cfg.get("fast_steps_packed_gqa") and not option(cfg, "fast_steps_packed_layout"):
@@ -119,6 +126,10 @@ def settings_problems(cfg) -> list[str]:
     if cfg.get("fast_steps_fp8_base"):
         problems += fp8_problems(cfg)
     return problems
+
+
+def sharded(cfg) -> bool:
+    return bool(cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"))
 
 
 def fp8_problems(cfg) -> list[str]:
@@ -334,6 +345,8 @@ class FastStepsPlugin(BasePlugin):
                         "LoRA QKV kernel with LoRA on q/k/v_proj, one scale and no bias or DoRA; "
                         "set `fast_steps_fused_lora_qkv: false`")
             LOG.info("fast_steps: %d attention layers with fused LoRA Q/K/V products", count)
+        if option(cfg, "fast_steps_lean_walks") and training(cfg):
+            install_lean_walks(trainer)
         fp8 = cfg.get("fast_steps_fp8_base")
         if fp8 and training(cfg):
             if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
