@@ -25,6 +25,7 @@ from integrations.fast_steps.module_walks import (
     cache_results,
     remember_train_mode,
     trainable_parameters,
+    zero_grad_of,
 )
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_parameters(exclude_embeddings=True)":
             lambda: model.num_parameters(exclude_embeddings=True),
         "parameters() for clip_grad_norm_": params,
-        "zero_grad()": lambda: [setattr(p, "grad", None) for p in params()],
+        "zero_grad()": zero_grad_of(params),
     }
     lean = {name: milliseconds(call, args.repeats) for name, call in lean_calls.items()}
     result = {"modules": sum(1 for _ in model.modules()),

@@ -77,21 +77,10 @@ def trainable_parameters(model: torch.nn.Module) -> Callable[[], list[torch.Tens
     return get
 
 
-def install_lean_walks(trainer) -> None:
-    """Each of the Trainer's per-step walks done once (module docstring)."""
-    model = trainer.model
-    params = trainable_parameters(model)
-    remember_train_mode(model)
-    cache_results(trainer.accelerator, "unwrap_model")
-    for owner in {id(m): m for m in (model, getattr(model, "get_base_model", lambda: model)())
-                  }.values():
-        if hasattr(owner, "num_parameters"):
-            cache_results(owner, "num_parameters")
+def zero_grad_of(params: Callable[[], list[torch.Tensor]]) -> Callable:
+    """`Module.zero_grad` over the given parameters only (frozen ones never get a gradient)."""
 
-    def clip_grad_norm(_model):
-        return trainer.accelerator.clip_grad_norm_(params(), trainer.args.max_grad_norm)
-
-    def zero_grad(set_to_none: bool = True):
+    def zero_grad(set_to_none: bool = True) -> None:
         for p in params():  # as Module.zero_grad does for every parameter
             if p.grad is None:
                 continue
@@ -104,5 +93,22 @@ def install_lean_walks(trainer) -> None:
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
+    return zero_grad
+
+
+def install_lean_walks(trainer) -> None:
+    """Each of the Trainer's per-step walks done once (module docstring)."""
+    model = trainer.model
+    params = trainable_parameters(model)
+    remember_train_mode(model)
+    cache_results(trainer.accelerator, "unwrap_model")
+    # the FLOP count calls the transformers model's own num_parameters (peft forwards to it)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "num_parameters"):
+        cache_results(base, "num_parameters")
+
+    def clip_grad_norm(_model):
+        return trainer.accelerator.clip_grad_norm_(params(), trainer.args.max_grad_norm)
+
     trainer._clip_grad_norm = clip_grad_norm
-    model.zero_grad = zero_grad
+    model.zero_grad = zero_grad_of(params)

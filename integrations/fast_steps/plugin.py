@@ -129,6 +129,7 @@ def settings_problems(cfg) -> list[str]:
 
 
 def sharded(cfg) -> bool:
+    """FSDP or DeepSpeed: they hold the gradients and clip them in their own wrappers."""
     return bool(cfg.get("fsdp_config") or cfg.get("fsdp") or cfg.get("deepspeed"))
 
 
