@@ -48,8 +48,7 @@ RAW_CSV = REPO / "data" / "raw" / "frankenstein_chunks.csv"  # where data_prep l
 # `accelerate` on PATH, this checkout's code in every subprocess, the CPUs' threads), for the
 # tests and everything they start; offline whatever the shell says: no test uses the hub.
 # Under pytest-xdist the workers share the CPUs: each worker's programs get their share of
-# threads, not all of them (two 2-thread trainings on 2 cores oversubscribe them, and OpenMP's
-# waiting threads then slow both far more than halving their threads does).
+# threads, not all of them (two workers' 2-thread trainings would oversubscribe 2 cores).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // WORKERS)))
