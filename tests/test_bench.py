@@ -516,18 +516,25 @@ def test_summary_merges_ranks_and_drops_warmup():
     assert summary["mfu_pct"] == pytest.approx(100 * flops / (2.6 * 2 * 989.4e12))
 
 
-def test_profiled_step_reports_summed_kernel_time_against_the_step(tmp_path, monkeypatch):
-    """BENCH_PROFILE_STEP=N: the profile of step N says how much of the step the device (here
-    the CPU's own ops) was busy, next to the step's wall time, and lists the ops."""
-    import torch
+def probe_recorder(tmp_path, monkeypatch, **env: str):
+    """A StepRecorder labelled `probe` with the given BENCH_* settings, and the Trainer objects
+    its callbacks take, for driving it by hand."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from bench.step_recorder import StepRecorder
 
-    monkeypatch.setenv("BENCH_PROFILE_STEP", "2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     recorder = StepRecorder(tmp_path / "steps.jsonl", MISTRAL_7B, False, label="probe")
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
-    state, control = TrainerState(), TrainerControl()
+    return recorder, args, TrainerState(), TrainerControl()
+
+
+def test_profiled_step_reports_summed_kernel_time_against_the_step(tmp_path, monkeypatch):
+    """BENCH_PROFILE_STEP=N: the profile of step N says how much of the step the device (here
+    the CPU's own ops) was busy, next to the step's wall time, and lists the ops."""
+    import torch
+    recorder, args, state, control = probe_recorder(tmp_path, monkeypatch, BENCH_PROFILE_STEP="2")
     for step in range(2):
         recorder.on_step_begin(args, state, control)
         x = torch.randn(256, 256)
@@ -584,17 +591,10 @@ def test_sync_log_counts_each_wait_by_call_site_until_the_next_step(tmp_path, mo
     and nothing outside that window."""
     import warnings
 
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from bench.step_recorder import StepRecorder
-
     def wait_for_gpu():
         warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
 
-    monkeypatch.setenv("BENCH_SYNC_STEP", "2")
-    recorder = StepRecorder(tmp_path / "steps.jsonl", MISTRAL_7B, False, label="probe")
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
-    state, control = TrainerState(), TrainerControl()
+    recorder, args, state, control = probe_recorder(tmp_path, monkeypatch, BENCH_SYNC_STEP="2")
     for step in range(3):
         recorder.on_step_begin(args, state, control)
         for _ in range(step + 1):
